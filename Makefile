@@ -1,0 +1,23 @@
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(BIN)/visionbench run mae
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check visionbench tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/mae_step.py
+	$(BIN)/python benchmarks/probe_sweep.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+import visionbench.evals.linear_probe as linear_probe
+from visionbench.errors import ConfigError
+from visionbench.evals.linear_probe import LARS, LinearHeads, linear_probe_sweep
+
+C, D = 4, 16
+LRS = [1.0, 3.0, 10.0, 30.0]
+WDS = [0.0, 1e4]
+
+
+def blobs(n: int, generator: torch.Generator, centers: torch.Tensor):
+    labels = torch.arange(n) % C
+    return centers[labels] + torch.randn(n, D, generator=generator), labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(C, D, generator=g)
+    return (*blobs(320, g, centers), *blobs(120, g, centers), *blobs(120, g, centers))
+
+
+def sweep(data, **overrides):
+    kwargs = {"num_classes": C, "lrs": LRS, "weight_decays": WDS, "epochs": 10,
+              "batch_size": 32, "warmup_epochs": 1, "seed": 0,
+              "classes": ["a", "b", "c", "d"]}
+    return linear_probe_sweep(*data, **{**kwargs, **overrides})
+
+
+def test_best_head_separates_gaussian_blobs(data):
+    result = sweep(data)
+    assert set(result) == {"grid", "best", "test_top1", "test_top5", "classes", "per_class_acc"}
+    assert result["test_top1"] >= 99.0
+    assert result["test_top5"] == pytest.approx(100.0)  # top-min(5, C) = top-4 of 4 classes
+    assert result["classes"] == ["a", "b", "c", "d"]
+    assert len(result["per_class_acc"]) == C
+    assert min(result["per_class_acc"]) >= 95.0
+    best = max(result["grid"], key=lambda e: e["val_top1"])
+    assert result["best"]["weight_decay"] == 0.0
+    assert best["val_top1"] >= 99.0
+
+
+def test_grid_has_one_entry_per_lr_and_weight_decay(data):
+    result = sweep(data)
+    assert [(e["lr"], e["weight_decay"]) for e in result["grid"]] == [
+        (lr, wd) for lr in LRS for wd in WDS]
+    for entry in result["grid"]:
+        assert set(entry) == {"lr", "weight_decay", "val_top1", "val_top5"}
+        assert entry["val_top5"] >= entry["val_top1"]
+
+
+def test_huge_weight_decay_does_worse_than_the_best(data):
+    result = sweep(data)
+    best_val = max(e["val_top1"] for e in result["grid"])
+    decayed = [e["val_top1"] for e in result["grid"] if e["weight_decay"] == 1e4]
+    assert max(decayed) < best_val - 20
+
+
+def test_all_heads_train_jointly_in_one_pass_per_epoch(data, monkeypatch):
+    epochs_served, batches_served, forwards = [], [], []
+
+    def counting_minibatches(*args, **kwargs):
+        epochs_served.append(1)
+        for batch in original(*args, **kwargs):
+            batches_served.append(batch[0].shape[0])
+            yield batch
+
+    original = linear_probe.minibatches
+    monkeypatch.setattr(linear_probe, "minibatches", counting_minibatches)
+    original_forward = LinearHeads.forward
+
+    def counting_forward(self, features):
+        out = original_forward(self, features)
+        forwards.append(out.shape)
+        return out
+
+    monkeypatch.setattr(LinearHeads, "forward", counting_forward)
+    sweep(data, epochs=3)
+    heads = len(LRS) * len(WDS)
+    assert heads >= 8
+    assert len(epochs_served) == 3
+    assert batches_served == [32] * (3 * (320 // 32))  # each batch served once, not per head
+    train_forwards = [s for s in forwards if s[1] == 32]
+    assert len(train_forwards) == len(batches_served)
+    assert all(s == (heads, 32, C) for s in train_forwards)  # one forward scores every head
+
+
+def test_one_param_group_per_head_with_its_own_lr_and_weight_decay(data, monkeypatch):
+    seen = []
+    original_step = LARS.step
+
+    def recording_step(self, closure=None):
+        if not seen:
+            seen.extend((g["peak_lr"], g["weight_decay"], len(g["params"]))
+                        for g in self.param_groups)
+        return original_step(self, closure)
+
+    monkeypatch.setattr(LARS, "step", recording_step)
+    sweep(data, epochs=1)
+    assert seen == [(lr, wd, 2) for lr in LRS for wd in WDS]
+
+
+def test_deterministic_for_a_seed(data):
+    assert sweep(data, epochs=2) == sweep(data, epochs=2)
+
+
+def test_sgd_variant_and_bad_inputs(data):
+    assert sweep(data, optimizer="sgd", lrs=[0.1, 1.0], weight_decays=[0.0])["test_top1"] >= 99
+    with pytest.raises(ConfigError):
+        sweep(data, optimizer="adam")
+    with pytest.raises(ConfigError):
+        sweep(data, lrs=[])
+    with pytest.raises(ConfigError):
+        sweep(data, classes=["only-one"])
+
+
+def test_lars_skips_trust_scaling_for_1d_params():
+    weight = torch.nn.Parameter(torch.full((2, 2), 1.0))
+    bias = torch.nn.Parameter(torch.zeros(2))
+    opt = LARS([{"params": [weight, bias], "lr": 1.0, "weight_decay": 0.0}])
+    weight.grad = torch.full((2, 2), 4.0)
+    bias.grad = torch.full((2,), 4.0)
+    opt.step()
+    # weight: update 4 rescaled by 0.001 * |w| / |g| = 0.001 * 2 / 8 -> step 0.001
+    torch.testing.assert_close(weight.detach(), torch.full((2, 2), 0.999))
+    torch.testing.assert_close(bias.detach(), torch.full((2,), -4.0))

@@ -1,0 +1,168 @@
+import csv
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import pytest
+
+from visionbench.errors import UserError
+from visionbench.results.leaderboard import (
+    COLUMNS,
+    append_run,
+    read_leaderboard,
+    read_reference,
+    rows_from_metrics,
+    update_leaderboard,
+)
+from visionbench.results.records import atomic_write_json
+
+REFERENCE = Path(__file__).resolve().parents[2] / "results" / "reference.csv"
+
+
+def write_run(runs_dir, run_id, value=81.2, status="finished", backbone="vit_tiny_p4_32"):
+    run_dir = Path(runs_dir) / run_id
+    metrics = {
+        "run_id": run_id, "experiment": "mae",
+        "paper": "Masked Autoencoders Are Scalable Vision Learners", "method": "mae",
+        "backbone": backbone, "norm": "layernorm", "placement": "pre", "dataset": "shapes",
+        "seed": 0, "epochs": 30, "precision": "32-true", "device": "cpu", "wall_s": 201.5,
+        "timestamp": "2026-11-27T12:00:00Z", "config_hash": run_id[-8:], "status": status,
+        "results": [
+            {"init": "mae", "protocol": "linear_probe", "metric": "top1", "value": value},
+            {"init": "random", "protocol": "knn_k20_t0.07", "metric": "top1", "value": 40.1},
+        ],
+    }  # fmt: skip
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return run_dir
+
+
+def csv_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_rows_from_metrics_one_row_per_result(tmp_path):
+    from visionbench.results.records import read_metrics
+
+    rows = rows_from_metrics(read_metrics(write_run(tmp_path, "20261127T120000Z-mae-ab12cd34")))
+    assert len(rows) == 2
+    assert all(list(row) == COLUMNS and row["source"] == "run" for row in rows)
+    assert rows[0]["value"] == 81.2 and rows[0]["protocol"] == "linear_probe"
+    assert rows[1]["init"] == "random" and rows[1]["run_id"] == "20261127T120000Z-mae-ab12cd34"
+
+
+def test_reference_csv_is_valid_and_holds_mae_numbers():
+    rows = read_reference(REFERENCE)
+    values = {(r["backbone"], r["protocol"]): r["value"] for r in rows}
+    assert values[("vit_base_patch16_224", "finetune")] == 83.6
+    assert values[("vit_large_patch16_224", "linear_probe")] == 75.8
+    assert values[("vit_huge_patch14_224", "finetune")] == 86.9
+    assert all(r["source"] == "paper" and r["run_id"].startswith("paper:") for r in rows)
+
+
+def test_update_leaderboard_runs_and_reference(tmp_path):
+    runs = tmp_path / "runs"
+    run_a = write_run(runs, "20261127T120000Z-mae-aaaaaaaa", value=81.2)
+    write_run(runs, "20261127T130000Z-mae-bbbbbbbb", value=75.0, backbone="resnet18")
+    write_run(runs, "20261127T140000Z-mae-cccccccc", status="failed")
+    (runs / "not-a-run").mkdir()
+    board = tmp_path / "leaderboard.csv"
+
+    frame = update_leaderboard(runs, board, REFERENCE)
+    n_ref = len(read_reference(REFERENCE))
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 4 + n_ref
+    assert (frame["source"] == "paper").sum() == n_ref
+    assert "20261127T140000Z-mae-cccccccc" not in set(frame["run_id"])
+    with open(board) as handle:
+        assert handle.readline().strip() == ",".join(COLUMNS)
+    on_disk = csv_rows(board)
+    assert [r["run_id"] for r in on_disk] == list(frame["run_id"])
+    # deterministic order: paper rows first within the experiment, then by backbone
+    assert [r["source"] for r in on_disk] == ["paper"] * n_ref + ["run"] * 4
+    assert on_disk[n_ref]["backbone"] == "resnet18"
+
+    # a run's new value replaces its row instead of adding one
+    write_run(runs, run_a.name, value=90.5)
+    frame = update_leaderboard(runs, board, REFERENCE)
+    assert len(frame) == 4 + n_ref
+    probe = frame[(frame["run_id"] == run_a.name) & (frame["protocol"] == "linear_probe")]
+    assert probe["value"].tolist() == [90.5]
+
+    # a deleted run folder keeps its rows
+    shutil.rmtree(run_a)
+    frame = update_leaderboard(runs, board)
+    assert len(frame) == 4 + n_ref
+    assert (frame["run_id"] == run_a.name).sum() == 2
+    assert frame["seed"].tolist()[-1] == 0 and frame["wall_s"].dtype.kind == "f"
+    assert read_leaderboard(board).equals(frame)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_update_leaderboard_without_runs_dir_writes_reference(tmp_path):
+    frame = update_leaderboard(tmp_path / "missing", tmp_path / "lb.csv", REFERENCE)
+    assert len(frame) == len(read_reference(REFERENCE))
+
+
+def test_malformed_reference_names_the_file(tmp_path):
+    bad_header = tmp_path / "bad_header.csv"
+    bad_header.write_text("experiment,value\nmae,1\n")
+    with pytest.raises(UserError, match="bad_header.csv: header must be exactly"):
+        read_reference(bad_header)
+
+    lines = REFERENCE.read_text().splitlines()
+    short_row = tmp_path / "short.csv"
+    short_row.write_text(lines[0] + "\nmae,1,2\n")
+    with pytest.raises(UserError, match=r"short.csv:2: 3 fields, expected 19"):
+        read_reference(short_row)
+
+    bad_value = tmp_path / "value.csv"
+    bad_value.write_text(lines[0] + "\n" + lines[1].replace(",83.6,", ",high,") + "\n")
+    with pytest.raises(UserError, match=r"value.csv:2: value must be a number, got 'high'"):
+        read_reference(bad_value)
+
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
+    with pytest.raises(UserError, match=r"dup.csv:3: same row key as line 2"):
+        update_leaderboard(tmp_path / "runs", tmp_path / "lb.csv", duplicate)
+    assert not (tmp_path / "lb.csv").exists()
+
+
+def test_append_run(tmp_path):
+    board = tmp_path / "lb.csv"
+    run_dir = write_run(tmp_path / "runs", "20261127T120000Z-mae-aaaaaaaa")
+    assert append_run(run_dir, board) == 2
+    assert append_run(run_dir, board) == 2
+    assert len(csv_rows(board)) == 2
+    failed = write_run(tmp_path / "runs", "20261127T130000Z-mae-bbbbbbbb", status="failed")
+    assert append_run(failed, board) == 0
+    assert len(csv_rows(board)) == 2
+    with pytest.raises(UserError, match="metrics.json: missing"):
+        append_run(tmp_path / "runs" / "nothing", board)
+
+
+def _append_many(runs_dir, board, writer, start_event):
+    start_event.wait()
+    for i in range(10):
+        run_dir = write_run(runs_dir, f"20261127T1200{i:02d}Z-mae-{writer}{i:07x}")
+        append_run(run_dir, board)
+
+
+def test_two_concurrent_writers_lose_no_row(tmp_path):
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    runs_dir, board = tmp_path / "runs", tmp_path / "lb.csv"
+    start = context.Event()
+    workers = [
+        context.Process(target=_append_many, args=(runs_dir, board, writer, start))
+        for writer in ("a", "b")
+    ]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    run_ids = {row["run_id"] for row in csv_rows(board)}
+    assert len(run_ids) == 20
+    assert len(csv_rows(board)) == 40

@@ -1,0 +1,144 @@
+"""Weights from local files only: .pt/.pth/.bin through ``torch.load(weights_only=True)`` and
+.safetensors through safetensors. Nothing is ever downloaded and nothing is unpickled.
+
+Layouts understood (the first that applies is used):
+- a bare state dict, or one wrapped under ``model`` / ``state_dict`` / ``model_state`` (the
+  official MAE checkpoints use ``{"model": ...}``; Lightning checkpoints ``state_dict``);
+- prefixes ``module.`` (DDP), ``encoder.`` (visionbench's MAE module) and ``backbone.``;
+- official MAE keys: the encoder keys equal timm's ViT keys (``cls_token``, ``pos_embed``,
+  ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``); the decoder keys (``mask_token``,
+  ``decoder_*``) belong to the pretraining model and are set aside for it; ``fc_norm.*`` and
+  ``head.*`` of a fine-tuned checkpoint are classifier keys and set aside too.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visionbench.backbones.pos_embed import resize_pos_embed
+from visionbench.errors import WeightsError
+
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+PREFIXES = ("module.", "encoder.", "backbone.", "model.")
+DECODER_KEYS = ("mask_token", "decoder_")
+CLASSIFIER_KEYS = ("fc_norm.", "head.")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.path}"]
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("set aside", self.set_aside),
+            ("resized", self.resized),
+        ):
+            if keys:
+                shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+                parts.append(f"{len(keys)} {label} ({shown})")
+        return "; ".join(parts)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat ``{name: tensor}`` dict from a local weights file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            raw = load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types
+            raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise WeightsError(f"{path}: cannot load with weights_only=True ({reason})") from None
+    else:
+        raise WeightsError(f"{path}: unknown weights format; expected .pt, .pth or .safetensors")
+    state = _unwrap(raw, path)
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    while isinstance(raw, dict):
+        tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(raw) // 2:
+            return tensors
+        inner = next((raw[k] for k in WRAPPER_KEYS if isinstance(raw.get(k), dict)), None)
+        if inner is None:
+            break
+        raw = inner
+    raise WeightsError(f"{path}: no state dict of tensors found (looked under {WRAPPER_KEYS})")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def split_mae_state(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """(encoder keys, decoder keys, classifier keys set aside) of an official/ours MAE state."""
+    encoder, decoder, aside = {}, {}, []
+    for key, value in state.items():
+        if key.startswith(DECODER_KEYS):
+            decoder[key] = value
+        elif key.startswith(CLASSIFIER_KEYS):
+            aside.append(key)
+        else:
+            encoder[key] = value
+    return encoder, decoder, aside
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+    """Load a local checkpoint into a timm backbone and report what did not match.
+
+    With ``strict=True`` any missing or unexpected encoder key is an error (the decoder and
+    classifier keys are set aside first and never count as unexpected).
+    """
+    state = read_state_dict(path)
+    encoder, decoder, aside = split_mae_state(state)
+    report = LoadReport(str(path), set_aside=sorted(list(decoder) + aside))
+    own = model.state_dict()
+    if "pos_embed" in encoder and "pos_embed" in own:
+        if encoder["pos_embed"].shape != own["pos_embed"].shape:
+            grid = tuple(model.patch_embed.grid_size)
+            encoder["pos_embed"] = resize_pos_embed(
+                encoder["pos_embed"], grid, getattr(model, "num_prefix_tokens", 1)
+            )
+            report.resized.append("pos_embed")
+    for key, value in list(encoder.items()):
+        if key in own and own[key].shape != value.shape:
+            raise WeightsError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(own[key].shape)}"
+            )
+    result = model.load_state_dict(encoder, strict=False)
+    report.missing = sorted(result.missing_keys)
+    report.unexpected = sorted(result.unexpected_keys)
+    if strict and (report.missing or report.unexpected):
+        raise WeightsError(f"{path}: keys do not match the model: {report.summary()}")
+    return report

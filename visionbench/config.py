@@ -1,0 +1,309 @@
+"""Experiment configuration: YAML + profile + CLI overrides -> a validated, typed config.
+
+A config file has ``experiment``, ``defaults`` (the whole config) and ``profiles`` (``demo``,
+``paper``: deep overrides of the defaults). Overrides apply in this order: defaults, profile,
+``--set key.path=value`` (values parsed as YAML), then the named CLI flags. Every error is a
+``ConfigError`` whose one line names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from visionbench.errors import ConfigError
+
+PROFILES = ("demo", "paper")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Strict):
+    train_per_class: int = Field(200, gt=0)
+    val_per_class: int = Field(40, gt=0)
+    test_per_class: int = Field(40, gt=0)
+
+
+class DataConfig(Strict):
+    dataset: str = "shapes"
+    root: str | None = None
+    image_size: int = Field(32, gt=0)
+    in_chans: int = Field(3, gt=0)
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+    batch_size: int = Field(128, gt=0)
+    num_workers: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    synth: SynthConfig = SynthConfig()
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"data root {value} does not exist or is not a folder")
+        return str(Path(value).expanduser()) if value is not None else None
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self) -> DataConfig:
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) not in (1, 3, self.in_chans):
+                raise ValueError(f"{key} has {len(values)} values for in_chans={self.in_chans}")
+        return self
+
+
+class ModelConfig(Strict):
+    backbone: str = "vit_base_patch16_224"
+    backbone_kwargs: dict[str, Any] = {}
+    norm: str = "layernorm"
+    placement: str = "pre"
+    weights: str | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from visionbench.backbones import backbone_family
+
+        backbone_family(value)
+        return value
+
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, value: str) -> str:
+        from visionbench.norms import NORMS, list_norms
+
+        if value not in NORMS:
+            raise ValueError(f"unknown norm {value!r}; allowed: {', '.join(list_norms())}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value} not found")
+        return value
+
+
+class MAEConfig(Strict):
+    method: Literal["mae"] = "mae"
+    epochs: int = Field(800, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    blr: float = Field(1.5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    mask_ratio: float = Field(0.75, ge=0, lt=1)
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int = Field(512, gt=0)
+    decoder_depth: int = Field(8, gt=0)
+    decoder_num_heads: int = Field(16, gt=0)
+    checkpoint_every_n_steps: int = Field(50, gt=0)
+    official_weights: str | None = None
+    figure_images: int = Field(8, gt=0)
+
+
+class TrainerConfig(Strict):
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, gt=0)
+    precision: Literal["bf16-mixed", "16-mixed", "32-true", "32", "bf16-true", "64-true"] | None = (
+        None
+    )
+
+
+class ProbeConfig(Strict):
+    lrs: list[float] = [0.1, 0.3, 1.0, 3.0]
+    weight_decays: list[float] = [0.0, 1e-4]
+    epochs: int = Field(90, gt=0)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(16384, gt=0)
+
+    @model_validator(mode="after")
+    def _grid_size(self) -> ProbeConfig:
+        if len(self.lrs) * len(self.weight_decays) < 8:
+            raise ValueError("the probe grid needs at least 8 (lr, weight decay) points")
+        return self
+
+
+class KNNConfig(Strict):
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    majority_k: int = Field(5, gt=0)
+
+
+class FinetuneConfig(Strict):
+    enabled: bool = True
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: float = Field(5, ge=0)
+    base_lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float = Field(0.65, gt=0, le=1)
+    min_lr: float = Field(1e-6, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.8, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    global_pool: bool = True
+    batch_size: int = Field(1024, gt=0)
+
+
+class EvalConfig(Strict):
+    inits: list[Literal["pretrained", "random"]] = ["pretrained", "random"]
+    pooling: Literal["cls", "mean", "lastk"] = "cls"
+    last_k: int = Field(4, gt=0)
+    linear_probe: ProbeConfig = ProbeConfig()
+    knn: KNNConfig = KNNConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+class ExperimentConfig(Strict):
+    experiment: str
+    profile: Literal["demo", "paper"] = "demo"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: MAEConfig = MAEConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _paper_needs_data(self) -> ExperimentConfig:
+        if self.profile == "paper" and self.data.root is None:
+            raise ValueError("the paper profile runs on real data: pass --data-root")
+        return self
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def config_path(name: str) -> Path:
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{path}:{where} not valid YAML ({problem})") from None
+    if not isinstance(raw, dict) or "defaults" not in raw:
+        raise ConfigError(f"{path}: expected a mapping with 'defaults' and 'profiles'")
+    unknown = set(raw) - {"experiment", "defaults", "profiles"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: "
+                          "experiment, defaults, profiles")
+    return raw
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_config(
+    name: str,
+    profile: str = "demo",
+    sets: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    path: Path | None = None,
+) -> ExperimentConfig:
+    """Build the validated config of experiment ``name``.
+
+    ``flags`` maps dotted keys to values from the named CLI options (``None`` = not given).
+    """
+    path = path or config_path(name)
+    raw = read_yaml(path)
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    profiles = raw.get("profiles") or {}
+    tree = deep_merge(raw["defaults"], profiles.get(profile) or {})
+    tree["experiment"] = raw.get("experiment", name)
+    tree["profile"] = profile
+    for item in sets or []:
+        key, value = parse_set(item)
+        set_path(tree, key, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_path(tree, key, value)
+    return validate(tree, path)
+
+
+def validate(tree: dict, source: Path | str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_error(err)}") from None
+    except ConfigError as err:  # raised inside a validator (e.g. unknown backbone)
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def describe_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        parent = first["loc"][:-1]
+        allowed = sorted(_fields_at(parent))
+        return f"unknown key {loc!r}; allowed here: {', '.join(allowed)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,458 @@
+"""Format detection, train/val/test splits, transforms and the image-classification datamodule.
+
+Readers (``imagefolder.py``, ``idx.py``) know one on-disk format each; this module decides
+which one a folder holds, carves the splits a folder does not provide, and wraps them in a
+``LightningDataModule``. Train transforms follow facebookresearch/mae ``main_pretrain.py``
+(kind "mae") and ``main_finetune.py`` (kind "finetune", without RandAugment / mixup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+
+from visionbench.data.idx import IDXDataset
+from visionbench.data.imagefolder import ImageFolderDataset, class_folders, is_image_file
+from visionbench.errors import ConfigError, DataError
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+SPLIT_NAMES = ("train", "val", "test")
+EXPECTED_LAYOUTS = (
+    "expected an ImageFolder layout (root/train/<class>/<image>, optional root/val/ and "
+    "root/test/, or root/<class>/<image>) or an MNIST IDX layout "
+    "(root/train-images-idx3-ubyte[.gz] + root/train-labels-idx1-ubyte[.gz], "
+    "optionally one folder down, e.g. root/raw/)"
+)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_idx_files(root: Path) -> dict[str, Path] | None:
+    """The IDX files under ``root`` or one folder down; None without a train pair."""
+    folders = [root] + class_folders(root)
+    for folder in folders:
+        found = {key: _find_file(folder, name) for key, name in IDX_FILES.items()}
+        if found["train_images"] and found["train_labels"]:
+            return {key: path for key, path in found.items() if path is not None}
+    return None
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    return any(
+        any(is_image_file(f) for f in sub.iterdir()) for sub in class_folders(folder)
+    )
+
+
+def detect_format(root: str | Path) -> str:
+    """``"imagefolder"`` or ``"idx"``: the on-disk format of the data set at ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found ({EXPECTED_LAYOUTS})")
+    if (root / "train").is_dir() and _holds_class_folders(root / "train"):
+        return "imagefolder"
+    if find_idx_files(root) is not None:
+        return "idx"
+    if not (root / "train").is_dir() and _holds_class_folders(root):
+        return "imagefolder"
+    raise DataError(f"{root}: unknown data set layout ({EXPECTED_LAYOUTS})")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+class LabelledSubset(Subset):
+    """A ``Subset`` that keeps ``targets`` and ``classes`` of its parent."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        super().__init__(dataset, list(indices))
+        parent_targets = dataset.targets
+        self.targets = [parent_targets[i] for i in self.indices]
+        self.classes = list(dataset.classes)
+
+
+@dataclass
+class Splits:
+    """The three splits of one data set; items of each are ``(PIL image, int label)``."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    format: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _largest_remainder(counts: np.ndarray, fraction: float) -> np.ndarray:
+    """Per-class shares of ``round(counts.sum() * fraction)`` samples, proportional to counts."""
+    exact = counts * fraction
+    shares = np.floor(exact).astype(np.int64)
+    missing = int(round(counts.sum() * fraction)) - int(shares.sum())
+    order = np.argsort(-(exact - shares), kind="stable")
+    shares[order[:missing]] += 1
+    return shares
+
+
+def carve_indices(
+    targets: Sequence[int], fractions: Sequence[float], seed: int
+) -> list[list[int]]:
+    """Stratified, seeded split of ``range(len(targets))``.
+
+    Returns one sorted index list per fraction, then the rest (the remaining train part).
+    Each part holds ``round(N * fraction)`` samples, spread over classes in proportion.
+    """
+    targets_arr = np.asarray(targets, dtype=np.int64)
+    classes = np.unique(targets_arr)
+    per_class = [np.flatnonzero(targets_arr == c) for c in classes]
+    counts = np.array([len(ix) for ix in per_class])
+    shares = [_largest_remainder(counts, f) for f in fractions]
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c, indices in enumerate(per_class):
+        shuffled = rng.permutation(indices)
+        start = 0
+        for p, share in enumerate(shares):
+            take = min(int(share[c]), len(shuffled) - start)
+            parts[p].extend(int(i) for i in shuffled[start:start + take])
+            start += take
+        parts[-1].extend(int(i) for i in shuffled[start:])
+    return [sorted(part) for part in parts]
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{name}: {value} (expected a fraction in [0, 1))")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction: {val_fraction + test_fraction} "
+            "(expected below 1, leaving samples to train on)"
+        )
+
+
+def _carve(
+    dataset: Dataset, fractions: Sequence[float], seed: int, where: Path
+) -> list[LabelledSubset]:
+    parts = carve_indices(dataset.targets, fractions, seed)
+    if not parts[-1]:
+        raise DataError(f"{where}: too few samples ({len(dataset)}) to carve val/test splits")
+    return [LabelledSubset(dataset, ix) for ix in parts]
+
+
+def _check_classes(split: Dataset, train_classes: list[str], where: Path) -> None:
+    if list(split.classes) != list(train_classes):
+        raise DataError(
+            f"{where}: classes {split.classes} differ from the train classes {train_classes}"
+        )
+
+
+def _imagefolder_splits(
+    root: Path, val_fraction: float, test_fraction: float, seed: int, mode: str | None
+) -> Splits:
+    if not (root / "train").is_dir():
+        full = ImageFolderDataset(root, mode=mode)
+        val, test, train = _carve(full, [val_fraction, test_fraction], seed, root)
+        return Splits(train, val, test, list(full.classes), "imagefolder")
+
+    train = ImageFolderDataset(root / "train", mode=mode)
+    # Passing the train classes makes a val/test folder outside them a DataError.
+    given = {
+        name: ImageFolderDataset(root / name, classes=train.classes, mode=mode)
+        for name in ("val", "test")
+        if (root / name).is_dir()
+    }
+    val, test = given.get("val"), given.get("test")
+    if val is not None and test is None:
+        test = val  # ImageNet style: the public val folder is the test set
+        val = None
+    if val is None and test is None:
+        val, test, train = _carve(train, [val_fraction, test_fraction], seed, root / "train")
+    elif val is None:
+        val, train = _carve(train, [val_fraction], seed, root / "train")
+    return Splits(train, val, test, list(train.classes), "imagefolder")
+
+
+def _idx_splits(
+    root: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    mode: str | None,
+    num_classes: int | None,
+) -> Splits:
+    files = find_idx_files(root)
+    if files is None:
+        raise DataError(f"{root}: no IDX train files ({EXPECTED_LAYOUTS})")
+    full = IDXDataset(files["train_images"], files["train_labels"], num_classes, mode=mode)
+    if "test_images" in files and "test_labels" in files:
+        test = IDXDataset(files["test_images"], files["test_labels"], num_classes, mode=mode)
+        _check_classes(test, full.classes, files["test_labels"])
+        val, train = _carve(full, [val_fraction], seed, files["train_images"])
+    else:
+        val, test, train = _carve(full, [val_fraction, test_fraction], seed, files["train_images"])
+    return Splits(train, val, test, list(full.classes), "idx")
+
+
+def load_splits(
+    root: str | Path,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    mode: str | None = "RGB",
+    num_classes: int | None = None,
+) -> Splits:
+    """Train / val / test datasets of the data set at ``root``, in whichever format it is.
+
+    Splits the folder provides are used as they are; missing ones are carved from train,
+    stratified per class and deterministic for ``seed``: val (``val_fraction`` of train)
+    when there is no val folder (with ``root/val`` only, that folder becomes the test set),
+    and test (``test_fraction``) when there is neither. ``num_classes`` is for IDX files
+    (default 10, MNIST-family; e.g. 47 for EMNIST balanced); the t10k files are the test
+    set, carved from train only when they are absent.
+    """
+    root = Path(root)
+    _check_fractions(val_fraction, test_fraction)
+    fmt = detect_format(root)
+    if fmt == "idx":
+        return _idx_splits(root, val_fraction, test_fraction, seed, mode, num_classes)
+    return _imagefolder_splits(root, val_fraction, test_fraction, seed, mode)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit / int32 / float image as 8-bit "L", keeping the full stored range."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scaled = arr / 257.0
+    elif img.mode == "F" and arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
+        scaled = arr * 255.0
+    elif img.mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 255:
+        scaled = arr
+    elif img.mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+        scaled = arr / 257.0
+    else:
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+class ToChannels:
+    """Any PIL image as 8-bit "L" (``in_chans`` 1), "RGB" (3), or one of L/RGB/RGBA (other
+    counts, which ``AdaptChannels`` then truncates or replicates)."""
+
+    def __init__(self, in_chans: int) -> None:
+        self.in_chans = in_chans
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if self.in_chans == 1:
+            return img.convert("L")
+        if self.in_chans == 3:
+            return img.convert("RGB")
+        if img.mode in ("L", "RGB", "RGBA"):
+            return img
+        return img.convert("L" if img.mode in ("1", "LA") else "RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(in_chans={self.in_chans})"
+
+
+class AdaptChannels:
+    """A ``(C, H, W)`` tensor to ``in_chans`` channels: first ``in_chans`` if it has as many,
+    else its grey level replicated."""
+
+    def __init__(self, in_chans: int) -> None:
+        self.in_chans = in_chans
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.in_chans:
+            return x
+        if x.shape[0] > self.in_chans:
+            return x[: self.in_chans].contiguous()
+        grey = x[:3].mean(dim=0, keepdim=True) if x.shape[0] >= 3 else x[:1]
+        return grey.expand(self.in_chans, -1, -1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(in_chans={self.in_chans})"
+
+
+def _per_channel(values: Sequence[float], in_chans: int, name: str) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) == in_chans:
+        return values
+    if len(values) == 3:  # RGB statistics for grey input (replicated to in_chans channels)
+        return [sum(values) / 3.0] * in_chans
+    if len(values) == 1:
+        return values * in_chans
+    raise ConfigError(
+        f"data.{name}: {values} has {len(values)} values (expected {in_chans}, one per channel)"
+    )
+
+
+def build_transform(
+    image_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    kind: str = "mae",
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image of any size and mode -> normalized ``(in_chans, image_size, image_size)``.
+
+    Train ``kind="mae"``: RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip,
+    as MAE pretraining; ``kind="finetune"``: scale=(0.08, 1.0). Eval: bicubic resize of the
+    short side to ``image_size`` + centre crop (no 1/0.875 margin, which tiny images lack).
+    ``mean`` / ``std``: one value per channel, one for all, or RGB values (averaged when
+    ``in_chans`` is not 3).
+    """
+    if in_chans < 1:
+        raise ConfigError(f"model.in_chans: {in_chans} (expected a positive integer)")
+    bicubic = T.InterpolationMode.BICUBIC
+    if not train:
+        spatial = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    elif kind in ("mae", "finetune"):
+        scale = (0.2, 1.0) if kind == "mae" else (0.08, 1.0)
+        spatial = [
+            T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        raise ConfigError(f"data.train_kind: {kind!r} (expected 'mae' or 'finetune')")
+    return T.Compose([
+        ToChannels(in_chans),
+        *spatial,
+        T.ToTensor(),
+        AdaptChannels(in_chans),
+        T.Normalize(_per_channel(mean, in_chans, "mean"), _per_channel(std, in_chans, "std")),
+    ])
+
+
+class TransformedDataset(Dataset):
+    """``dataset`` with ``transform`` applied to the image of each ``(image, label)`` item."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return list(self.dataset.targets)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.dataset[index]
+        return (self.transform(img) if self.transform else img), label
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Train / val / test loaders over any supported format at ``root``.
+
+    Images are read in their stored mode; ``build_transform`` brings them to ``in_chans``
+    channels at ``image_size``. ``eval_dataloader`` gives unshuffled, eval-transformed
+    loaders of any split, for frozen-feature extraction.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        train_kind: str = "mae",
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.train_transform = build_transform(image_size, in_chans, mean, std, True, train_kind)
+        self.eval_transform = build_transform(image_size, in_chans, mean, std, False)
+        self.splits: Splits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = load_splits(
+                self.root, self.val_fraction, self.test_fraction, self.seed, mode=None
+            )
+
+    def _loaded(self) -> Splits:
+        self.setup()
+        assert self.splits is not None
+        return self.splits
+
+    @property
+    def classes(self) -> list[str]:
+        return self._loaded().classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = TransformedDataset(self._loaded().train, self.train_transform)
+        return self._loader(train, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Unshuffled loader of ``split`` ("train", "val" or "test") with the eval transform."""
+        if split not in SPLIT_NAMES:
+            raise ConfigError(f"split: {split!r} (expected one of {', '.join(SPLIT_NAMES)})")
+        dataset = TransformedDataset(getattr(self._loaded(), split), self.eval_transform)
+        return self._loader(dataset, batch_size or self.batch_size, shuffle=False)

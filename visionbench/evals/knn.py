@@ -1,0 +1,99 @@
+"""k-nearest-neighbour classification of frozen features.
+
+Follows facebookresearch/dino ``eval_knn.py`` (``knn_classifier``): features are
+L2-normalised, neighbours are the k training features of highest cosine similarity, each
+votes for its class with weight ``exp(similarity / T)``, classes are ranked by summed
+votes; top-5 looks at ``min(5, k)`` ranked classes (fewer when there are fewer classes).
+``knn_majority`` is the plain, unweighted vote.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visionbench.errors import ConfigError
+
+
+def check_knn_inputs(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                     k: int) -> None:
+    if k < 1:
+        raise ConfigError(f"knn: k must be >= 1, got {k}")
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ConfigError(f"knn: expected (N, D) train and test features, got "
+                          f"{tuple(train_x.shape)} and {tuple(test_x.shape)}")
+    if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+        raise ConfigError("knn: features and labels differ in length")
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ConfigError("knn: empty train or test features")
+
+
+def nearest_neighbours(train_x: Tensor, test_x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Cosine similarities (B, k) and train indices (B, k), nearest first."""
+    similarity = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
+    return similarity.topk(min(k, train_x.shape[0]), dim=1, largest=True, sorted=True)
+
+
+def chunks(test_x: Tensor, test_y: Tensor, batch_size: int):
+    for start in range(0, test_x.shape[0], batch_size):
+        yield test_x[start:start + batch_size], test_y[start:start + batch_size]
+
+
+@torch.no_grad()
+def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07,
+                 batch_size: int = 1024) -> dict:
+    """DINO's temperature-weighted kNN vote: ``{"top1", "top5"}`` in percent."""
+    check_knn_inputs(train_x, train_y, test_x, test_y, k)
+    device = train_x.device
+    train_x, train_y = train_x.float(), train_y.long()
+    top5 = min(5, k, num_classes)
+    correct1 = correct5 = 0
+    for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
+        similarity, index = nearest_neighbours(train_x, x, k)
+        votes = F.one_hot(train_y[index], num_classes).float()  # (B, k, C)
+        scores = (votes * (similarity / temperature).exp().unsqueeze(-1)).sum(dim=1)
+        ranked = scores.sort(dim=1, descending=True, stable=True).indices
+        hits = ranked.eq(y[:, None])
+        correct1 += int(hits[:, :1].sum())
+        correct5 += int(hits[:, :top5].sum())
+    total = test_x.shape[0]
+    return {"top1": correct1 * 100.0 / total, "top5": correct5 * 100.0 / total}
+
+
+@torch.no_grad()
+def knn_majority(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                 num_classes: int, k: int = 5, batch_size: int = 1024) -> dict:
+    """Unweighted majority vote of the k nearest neighbours: ``{"top1"}`` in percent.
+    Among classes tied on votes, the one whose first neighbour is nearest wins."""
+    check_knn_inputs(train_x, train_y, test_x, test_y, k)
+    device = train_x.device
+    train_x, train_y = train_x.float(), train_y.long()
+    correct = 0
+    for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
+        _, index = nearest_neighbours(train_x, x, k)
+        neighbours = train_y[index]  # (B, k), nearest first
+        kk = neighbours.shape[1]
+        counts = torch.zeros(x.shape[0], num_classes, device=device)
+        counts.scatter_add_(1, neighbours, torch.ones_like(neighbours, dtype=counts.dtype))
+        ranks = torch.arange(kk, device=device).expand_as(neighbours)
+        first_rank = torch.full((x.shape[0], num_classes), kk, device=device, dtype=torch.long)
+        first_rank.scatter_reduce_(1, neighbours, ranks, reduce="amin")
+        # Votes dominate; the nearer first occurrence only breaks ties.
+        score = counts * (kk + 1) + (kk - first_rank)
+        correct += int(score.argmax(dim=1).eq(y).sum())
+    return {"top1": correct * 100.0 / test_x.shape[0]}
+
+
+def knn_protocol(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07,
+                 majority_k: int = 5, batch_size: int = 1024) -> dict:
+    """Both kNN evaluations: ``{"k20_t0.07": {"top1", "top5"}, "k5_majority": {"top1"}}``
+    (keys follow ``k``, ``temperature`` and ``majority_k``)."""
+    return {
+        f"k{k}_t{temperature:g}": knn_classify(train_x, train_y, test_x, test_y, num_classes,
+                                               k, temperature, batch_size),
+        f"k{majority_k}_majority": knn_majority(train_x, train_y, test_x, test_y, num_classes,
+                                                majority_k, batch_size),
+    }

@@ -1,0 +1,47 @@
+"""Learning-rate schedule and parameter groups shared by every method and protocol.
+
+``half_cycle_cosine`` is facebookresearch/mae ``util/lr_sched.py``: linear warmup over
+``warmup_epochs`` then a half-cycle cosine from ``base_lr`` down to ``min_lr``, evaluated at a
+fractional epoch so it changes every step. ``weight_decay_groups`` is timm's
+``add_weight_decay`` as ``main_pretrain.py`` uses it: no decay for biases and 1-D parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def half_cycle_cosine(
+    epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float
+) -> float:
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def weight_decay_groups(
+    model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
+) -> list[dict]:
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def absolute_lr(blr: float, batch_size: int, accumulate: int = 1, world_size: int = 1) -> float:
+    """MAE's linear scaling rule: lr = blr * effective batch / 256."""
+    return blr * batch_size * accumulate * world_size / 256

@@ -1,0 +1,133 @@
+"""Registry of normalization layers, timm-style: a decorator registers a factory under a name.
+
+Each entry records the paper it comes from, its formula, where it goes (token models or conv
+models) and its hyperparameters, so ``visionbench list --norms`` can print the catalog.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from visionbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    name: str
+    factory: Callable[..., nn.Module]
+    kind: str  # "token" (ViT: normalizes the last dim) or "conv" (normalizes channels of NCHW)
+    paper: str
+    arxiv: str
+    formula: str
+    defaults: dict = field(default_factory=dict)
+
+
+NORMS: dict[str, NormSpec] = {}
+
+
+def register_norm(
+    name: str, *, kind: str, paper: str, arxiv: str, formula: str, defaults: dict | None = None
+) -> Callable:
+    """Register ``factory(dim, **kw) -> nn.Module`` under ``name``."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in NORMS:
+            raise ValueError(f"norm {name!r} registered twice")
+        NORMS[name] = NormSpec(name, factory, kind, paper, arxiv, formula, dict(defaults or {}))
+        return factory
+
+    return wrap
+
+
+def list_norms(kind: str | None = None) -> list[str]:
+    return sorted(n for n, s in NORMS.items() if kind is None or s.kind == kind)
+
+
+def build_norm(name: str, dim: int, **kw) -> nn.Module:
+    """Build the norm layer ``name`` over ``dim`` features (channels for conv norms).
+
+    ``device``/``dtype`` keyword arguments, as timm passes them, are accepted by every entry.
+    """
+    if name not in NORMS:
+        raise ConfigError(f"unknown norm {name!r}; allowed: {', '.join(list_norms())}")
+    spec = NORMS[name]
+    return spec.factory(dim, **{**spec.defaults, **kw})
+
+
+def norm_layer(name: str, kind: str | None = None) -> Callable[..., nn.Module]:
+    """The ``norm_layer=`` callable for timm constructors; validates the name up front."""
+    if name not in NORMS:
+        raise ConfigError(f"unknown norm {name!r}; allowed: {', '.join(list_norms(kind))}")
+    if kind is not None and NORMS[name].kind != kind:
+        raise ConfigError(
+            f"norm {name!r} is a {NORMS[name].kind} norm; this backbone takes one of: "
+            f"{', '.join(list_norms(kind))}"
+        )
+    # A plain function, not functools.partial: timm's get_norm_layer drops a partial's
+    # positional arguments when it rebinds keywords.
+    def make_norm(dim: int, **kw) -> nn.Module:
+        return build_norm(name, dim, **kw)
+
+    make_norm.__name__ = make_norm.__qualname__ = f"norm_{name}"
+    return make_norm
+
+
+def _factory_kwargs(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in ("device", "dtype") if k in kw}
+
+
+@register_norm(
+    "layernorm",
+    kind="token",
+    paper="Layer Normalization",
+    arxiv="1607.06450",
+    formula="gamma * (x - mean(x)) / sqrt(var(x) + eps) + beta",
+    defaults={"eps": 1e-6},
+)
+def _layernorm(dim: int, eps: float = 1e-6, **kw) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps, **_factory_kwargs(kw))
+
+
+@register_norm(
+    "rmsnorm",
+    kind="token",
+    paper="Root Mean Square Layer Normalization",
+    arxiv="1910.07467",
+    formula="gamma * x / sqrt(mean(x^2) + eps)",
+    defaults={"eps": 1e-6},
+)
+def _rmsnorm(dim: int, eps: float = 1e-6, **kw) -> nn.Module:
+    return nn.RMSNorm(dim, eps=eps, **_factory_kwargs(kw))
+
+
+@register_norm(
+    "batchnorm",
+    kind="conv",
+    paper="Batch Normalization: Accelerating Deep Network Training by Reducing Internal "
+    "Covariate Shift",
+    arxiv="1502.03167",
+    formula="gamma * (x - E_batch[x]) / sqrt(Var_batch[x] + eps) + beta (per channel)",
+    defaults={"eps": 1e-5, "momentum": 0.1},
+)
+def _batchnorm2d(dim: int, eps: float = 1e-5, momentum: float = 0.1, **kw) -> nn.Module:
+    return nn.BatchNorm2d(dim, eps=eps, momentum=momentum, **_factory_kwargs(kw))
+
+
+@register_norm(
+    "groupnorm",
+    kind="conv",
+    paper="Group Normalization",
+    arxiv="1803.08494",
+    formula="gamma * (x - mean_group(x)) / sqrt(var_group(x) + eps) + beta",
+    defaults={"num_groups": 32, "eps": 1e-5},
+)
+def _groupnorm(dim: int, num_groups: int = 32, eps: float = 1e-5, **kw) -> nn.Module:
+    # Narrow demo-size networks have fewer than 32 channels: fall back to the largest divisor.
+    groups = math.gcd(num_groups, dim)
+    return nn.GroupNorm(groups, dim, eps=eps, **_factory_kwargs(kw))
+
+
