@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from visionbench.errors import ConfigError
 
@@ -175,8 +183,9 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _paper_needs_data(self) -> ExperimentConfig:
-        if self.profile == "paper" and self.data.root is None:
+    def _paper_needs_data(self, info: ValidationInfo) -> ExperimentConfig:
+        require = (info.context or {}).get("require_data", True)
+        if require and self.profile == "paper" and self.data.root is None:
             raise ValueError("the paper profile runs on real data: pass --data-root")
         return self
 
@@ -248,6 +257,7 @@ def resolve_config(
     sets: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     path: Path | None = None,
+    require_data: bool = True,
 ) -> ExperimentConfig:
     """Build the validated config of experiment ``name``.
 
@@ -267,12 +277,12 @@ def resolve_config(
     for key, value in (flags or {}).items():
         if value is not None:
             set_path(tree, key, value)
-    return validate(tree, path)
+    return validate(tree, path, require_data)
 
 
-def validate(tree: dict, source: Path | str) -> ExperimentConfig:
+def validate(tree: dict, source: Path | str, require_data: bool = True) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(tree)
+        return ExperimentConfig.model_validate(tree, context={"require_data": require_data})
     except ValidationError as err:
         raise ConfigError(f"{source}: {describe_error(err)}") from None
     except ConfigError as err:  # raised inside a validator (e.g. unknown backbone)

@@ -32,7 +32,8 @@ def write_folder(root: Path, classes, per_class: int) -> Path:
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape)
+        f">{array.ndim}I", *array.shape
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
@@ -147,8 +148,16 @@ def test_build_transform_normalizes_with_averaged_mean_for_grey() -> None:
 
 def test_datamodule_loaders(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "flat", ["a", "b", "c"], 10)
-    dm = ImageClassificationDataModule(root, image_size=8, in_chans=1, mean=[0.5], std=[0.5],
-                                       batch_size=4, val_fraction=0.2, test_fraction=0.2)
+    dm = ImageClassificationDataModule(
+        root,
+        image_size=8,
+        in_chans=1,
+        mean=[0.5],
+        std=[0.5],
+        batch_size=4,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
     assert dm.num_classes == 3 and dm.classes == ["a", "b", "c"]
     train = dm.train_dataloader()
     assert train.drop_last and len(train) == 18 // 4

@@ -40,8 +40,9 @@ def test_classes_and_labels_come_from_folders(folder: Path) -> None:
 
 
 def test_given_class_list_sets_the_labels_and_mode_and_transform(folder: Path) -> None:
-    ds = ImageFolderDataset(folder, classes=["dog", "cat", "bird"], mode="L",
-                            transform=lambda im: im.size)
+    ds = ImageFolderDataset(
+        folder, classes=["dog", "cat", "bird"], mode="L", transform=lambda im: im.size
+    )
     assert ds.targets == [1, 1, 1, 0]
     assert ds[0] == ((8, 6), 1)
     assert ImageFolderDataset(folder, mode="L")[0][0].mode == "L"

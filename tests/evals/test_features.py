@@ -4,8 +4,18 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
-from visionbench.errors import ConfigError
+from visionbench.errors import ConfigError, DataError
 from visionbench.evals.features import cached_features, extract_features
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
+    threads make the tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 EMBED = 32
 
@@ -23,7 +33,8 @@ def tiny_loader(n: int = 10) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=4)
 
 
-@pytest.mark.parametrize(("pooling", "dim"), [("cls", EMBED), ("mean", EMBED), ("lastk", 2 * EMBED)])
+@pytest.mark.parametrize(("pooling", "dim"),
+                         [("cls", EMBED), ("mean", EMBED), ("lastk", 2 * EMBED)])
 def test_vit_feature_shapes(pooling, dim):
     feats, labels = extract_features(tiny_vit(), tiny_loader(), pooling=pooling, last_k=2,
                                      progress=False)
@@ -78,3 +89,12 @@ def test_cache_written_once_and_reloaded_without_backbone(tmp_path):
     assert calls == []
     torch.testing.assert_close(again, feats)
     assert torch.equal(again_labels, labels)
+
+
+def test_cache_built_with_another_pooling_is_refused(tmp_path):
+    path = tmp_path / "train.pt"
+    cached_features(path, tiny_vit(), tiny_loader(), "lastk", 2, "cpu", progress=False)
+    with pytest.raises(DataError, match="pooling"):
+        cached_features(path, tiny_vit(), tiny_loader(), "cls", 2, "cpu", progress=False)
+    with pytest.raises(DataError, match="last_k"):
+        cached_features(path, tiny_vit(), tiny_loader(), "lastk", 3, "cpu", progress=False)

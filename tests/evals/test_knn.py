@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from visionbench.errors import ConfigError
-from visionbench.evals.knn import knn_classify, knn_majority, knn_protocol
+from visionbench.evals.knn import knn_classify, knn_majority, knn_protocol, weighted_votes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
+    threads make the tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -16,22 +26,28 @@ def test_weighted_vote_equals_the_dino_formula():
     # Training points on the unit circle (scaled: normalisation must not matter).
     angles = [0, 10, 20, 90, 100, 180]
     labels = [0, 0, 1, 1, 2, 2]
-    train_x = torch.tensor([[3 * c for c in unit(a)] for a in angles])
+    train_x = torch.tensor([[3 * c for c in unit(a)] for a in angles], dtype=torch.float64)
     train_y = torch.tensor(labels)
     test_angles = [5, 15, 60, 140, 175]
-    test_x = torch.tensor([unit(a) for a in test_angles])
+    test_x = torch.tensor([unit(a) for a in test_angles], dtype=torch.float64)
     k, t, num_classes = 3, 0.07, 3
 
-    expected_pred = []
+    expected_votes, expected_pred = [], []
     for ta in test_angles:
-        sims = sorted(((math.cos(math.radians(ta - a)), y) for a, y in zip(angles, labels)),
-                      reverse=True)[:k]
+        neighbours = sorted(
+            ((math.cos(math.radians(ta - a)), y) for a, y in zip(angles, labels, strict=True)),
+            reverse=True)[:k]
         votes = [0.0] * num_classes
-        for sim, y in sims:
+        for sim, y in neighbours:
             votes[y] += math.exp(sim / t)
+        expected_votes.append(votes)
         expected_pred.append(max(range(num_classes), key=lambda c: votes[c]))
+    scores = weighted_votes(train_x, train_y, test_x, num_classes, k, t)
+    torch.testing.assert_close(scores, torch.tensor(expected_votes, dtype=torch.float64),
+                               rtol=1e-9, atol=0.0)
     test_y = torch.tensor([0, 1, 1, 2, 2])
-    expected_top1 = 100.0 * sum(p == y for p, y in zip(expected_pred, test_y.tolist())) / 5
+    hits = [p == y for p, y in zip(expected_pred, test_y.tolist(), strict=True)]
+    expected_top1 = 100.0 * sum(hits) / 5
     result = knn_classify(train_x, train_y, test_x, test_y, num_classes, k=k, temperature=t)
     assert result["top1"] == pytest.approx(expected_top1)
     assert 0 < result["top1"] < 100  # the hand-built case has both hits and misses

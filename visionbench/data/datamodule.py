@@ -60,9 +60,7 @@ def find_idx_files(root: Path) -> dict[str, Path] | None:
 
 
 def _holds_class_folders(folder: Path) -> bool:
-    return any(
-        any(is_image_file(f) for f in sub.iterdir()) for sub in class_folders(folder)
-    )
+    return any(any(is_image_file(f) for f in sub.iterdir()) for sub in class_folders(folder))
 
 
 def detect_format(root: str | Path) -> str:
@@ -117,9 +115,7 @@ def _largest_remainder(counts: np.ndarray, fraction: float) -> np.ndarray:
     return shares
 
 
-def carve_indices(
-    targets: Sequence[int], fractions: Sequence[float], seed: int
-) -> list[list[int]]:
+def carve_indices(targets: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Stratified, seeded split of ``range(len(targets))``.
 
     Returns one sorted index list per fraction, then the rest (the remaining train part).
@@ -137,7 +133,7 @@ def carve_indices(
         start = 0
         for p, share in enumerate(shares):
             take = min(int(share[c]), len(shuffled) - start)
-            parts[p].extend(int(i) for i in shuffled[start:start + take])
+            parts[p].extend(int(i) for i in shuffled[start : start + take])
             start += take
         parts[-1].extend(int(i) for i in shuffled[start:])
     return [sorted(part) for part in parts]
@@ -347,13 +343,15 @@ def build_transform(
         ]
     else:
         raise ConfigError(f"data.train_kind: {kind!r} (expected 'mae' or 'finetune')")
-    return T.Compose([
-        ToChannels(in_chans),
-        *spatial,
-        T.ToTensor(),
-        AdaptChannels(in_chans),
-        T.Normalize(_per_channel(mean, in_chans, "mean"), _per_channel(std, in_chans, "std")),
-    ])
+    return T.Compose(
+        [
+            ToChannels(in_chans),
+            *spatial,
+            T.ToTensor(),
+            AdaptChannels(in_chans),
+            T.Normalize(_per_channel(mean, in_chans, "mean"), _per_channel(std, in_chans, "std")),
+        ]
+    )
 
 
 class TransformedDataset(Dataset):

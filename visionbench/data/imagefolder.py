@@ -6,6 +6,7 @@ prepared). Every unreadable or misplaced file becomes a one-line ``DataError`` n
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,28 @@ from visionbench.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What PIL raises on a corrupt, truncated or hostile file.
 IMAGE_READ_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
 )
 
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (one ``scandir``, no stats)."""
+    with os.scandir(folder) as entries:
+        names = [
+            e.name
+            for e in entries
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return [folder / name for name in sorted(names)]
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -81,7 +98,7 @@ class ImageFolderDataset(Dataset):
                 raise DataError(
                     f"{folder}: label outside the class list (expected one of {self.classes})"
                 )
-            files = sorted(p for p in folder.iterdir() if is_image_file(p))
+            files = image_files(folder)
             if not files:
                 raise DataError(
                     f"{folder}: class folder holds no images "

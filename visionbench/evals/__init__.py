@@ -3,7 +3,6 @@
 from visionbench.evals.features import cached_features, extract_features
 from visionbench.evals.finetune import (
     FineTuneClassifier,
-    lr_at,
     param_groups_lrd,
     run_finetune,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "knn_majority",
     "knn_protocol",
     "linear_probe_sweep",
-    "lr_at",
     "param_groups_lrd",
     "run_finetune",
 ]

@@ -61,7 +61,9 @@ def split_batch(batch) -> tuple[Tensor, Tensor]:
 def extract_features(backbone: nn.Module, loader: Iterable, pooling: str = "cls",
                      last_k: int = 4, device: str | torch.device = "cpu",
                      progress: bool = True) -> tuple[Tensor, Tensor]:
-    """Features float32 (N, D) and labels int64 (N,) of every batch of ``loader``, on CPU."""
+    """Features float32 (N, D) and labels int64 (N,) of every batch of ``loader``, on CPU.
+
+    ``backbone`` is moved to ``device`` and left in eval mode."""
     check_pooling(pooling)
     backbone = backbone.to(device).eval()
     features, labels = [], []
@@ -102,10 +104,17 @@ def cached_features(cache_path: Path, backbone: nn.Module, loader: Iterable,
     if cache_path.exists():
         try:
             cached = torch.load(cache_path, map_location="cpu", weights_only=True)
-            return cached["features"], cached["labels"]
-        except (OSError, RuntimeError, KeyError, TypeError) as err:
+            features, labels = cached["features"], cached["labels"]
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
             raise DataError(f"{cache_path}: not a readable feature cache ({err}); "
                             "delete it to extract the features again") from err
+        wanted = (pooling, last_k if pooling == "lastk" else None)
+        stored = (cached.get("pooling"), cached.get("last_k") if pooling == "lastk" else None)
+        if stored != wanted:
+            raise DataError(f"{cache_path}: features cached with pooling={stored[0]!r}, "
+                            f"last_k={cached.get('last_k')}; requested pooling={pooling!r}, "
+                            f"last_k={last_k}")
+        return features, labels
     features, labels = extract_features(backbone, loader, pooling, last_k, device, progress)
     save_atomic({"features": features, "labels": labels, "pooling": pooling,
                  "last_k": last_k}, cache_path)

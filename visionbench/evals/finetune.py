@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
+from visionbench.methods.schedule import half_cycle_cosine, set_lr
 
 FINETUNE_DEFAULTS = {
     "weight_decay": 0.05,
@@ -42,27 +44,6 @@ FINETUNE_DEFAULTS = {
 FINETUNE_REQUIRED = ("base_lr", "epochs")
 # Prefix-token parameters that sit with the patch embedding in layer 0.
 EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
-
-
-def lr_at(step_fraction_epoch: float, base_lr: float, min_lr: float, warmup_epochs: float,
-          epochs: float) -> float:
-    """Learning rate at a fractional epoch: linear warmup from 0 to ``base_lr`` over
-    ``warmup_epochs``, then half-cycle cosine from ``base_lr`` down to ``min_lr`` at
-    ``epochs`` (MAE ``util/lr_sched.py``; call it every iteration with
-    ``epoch + iteration / iterations_per_epoch``)."""
-    if step_fraction_epoch < warmup_epochs:
-        return base_lr * step_fraction_epoch / warmup_epochs
-    decay_epochs = epochs - warmup_epochs
-    if decay_epochs <= 0:
-        return base_lr
-    progress = min((step_fraction_epoch - warmup_epochs) / decay_epochs, 1.0)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 where it has none)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, int]:
@@ -175,22 +156,33 @@ class FineTuneClassifier(L.LightningModule):
         return torch.optim.AdamW(groups, lr=self.hparams.base_lr)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        batches = max(int(self.trainer.num_training_batches), 1)
-        epoch = self.current_epoch + batch_idx / batches
+        batches = self.trainer.num_training_batches
+        # An unsized loader has no fraction of an epoch: the lr then moves once per epoch.
+        fraction = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
+        epoch = self.current_epoch + fraction
         hp = self.hparams
-        lr = lr_at(epoch, hp.base_lr, hp.min_lr, hp.warmup_epochs, hp.epochs)
+        lr = half_cycle_cosine(epoch, hp.base_lr, hp.min_lr, hp.warmup_epochs, hp.epochs)
         for optimizer in self.trainer.optimizers:
             set_lr(optimizer, lr)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch[0], batch[1]
         if self.mixup_fn is not None:
-            even = images.shape[0] - images.shape[0] % 2  # timm Mixup needs an even batch
-            images, targets = self.mixup_fn(images[:even], targets[:even])
+            images, targets = self.mix(images, targets)
         loss = self.criterion(self(images), targets)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=images.shape[0], sync_dist=True)
         return loss
+
+    def mix(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """timm Mixup/CutMix with smoothed soft targets; it needs an even batch, so an odd
+        last sample is dropped (MAE's loader drops the last incomplete batch)."""
+        even = images.shape[0] - images.shape[0] % 2
+        if even == 0:
+            smoothing = self.hparams.label_smoothing
+            soft = F.one_hot(targets, self.hparams.num_classes).float()
+            return images, soft * (1.0 - smoothing) + smoothing / self.hparams.num_classes
+        return self.mixup_fn(images[:even], targets[:even])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.val_top1.update(self(batch[0]), batch[1])

@@ -35,6 +35,15 @@ def nearest_neighbours(train_x: Tensor, test_x: Tensor, k: int) -> tuple[Tensor,
     return similarity.topk(min(k, train_x.shape[0]), dim=1, largest=True, sorted=True)
 
 
+def weighted_votes(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int,
+                   k: int = 20, temperature: float = 0.07) -> Tensor:
+    """Class scores (B, C): the sum over the k nearest neighbours of ``exp(sim / T)``,
+    each added to its neighbour's class."""
+    similarity, index = nearest_neighbours(train_x, test_x, k)
+    votes = F.one_hot(train_y[index], num_classes).to(similarity.dtype)  # (B, k, C)
+    return (votes * (similarity / temperature).exp().unsqueeze(-1)).sum(dim=1)
+
+
 def chunks(test_x: Tensor, test_y: Tensor, batch_size: int):
     for start in range(0, test_x.shape[0], batch_size):
         yield test_x[start:start + batch_size], test_y[start:start + batch_size]
@@ -51,9 +60,7 @@ def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     top5 = min(5, k, num_classes)
     correct1 = correct5 = 0
     for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
-        similarity, index = nearest_neighbours(train_x, x, k)
-        votes = F.one_hot(train_y[index], num_classes).float()  # (B, k, C)
-        scores = (votes * (similarity / temperature).exp().unsqueeze(-1)).sum(dim=1)
+        scores = weighted_votes(train_x, train_y, x, num_classes, k, temperature)
         ranked = scores.sort(dim=1, descending=True, stable=True).indices
         hits = ranked.eq(y[:, None])
         correct1 += int(hits[:, :1].sum())

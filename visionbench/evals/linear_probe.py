@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
-from visionbench.evals.finetune import lr_at
+from visionbench.methods.schedule import half_cycle_cosine
 
 EVAL_BATCH = 4096
 
@@ -167,7 +167,8 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
     for epoch in range(epochs):
         heads.train()
         for step, (x, y) in enumerate(minibatches(train_x, train_y, batch_size, generator)):
-            factor = lr_at(epoch + step / steps_per_epoch, 1.0, 0.0, warmup_epochs, epochs)
+            progress = epoch + step / steps_per_epoch
+            factor = half_cycle_cosine(progress, 1.0, 0.0, warmup_epochs, epochs)
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             logits = heads(x)

@@ -13,7 +13,12 @@ import math
 import lightning as L
 import torch
 
-from visionbench.methods.schedule import absolute_lr, half_cycle_cosine, weight_decay_groups
+from visionbench.methods.schedule import (
+    absolute_lr,
+    half_cycle_cosine,
+    set_lr,
+    weight_decay_groups,
+)
 
 
 class PretrainModule(L.LightningModule):
@@ -73,6 +78,5 @@ class PretrainModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         epoch = self.global_step / self.steps_per_epoch()
         lr = half_cycle_cosine(epoch, self.base_lr, self.min_lr, self.warmup_epochs, self.epochs)
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.trainer.optimizers[0], lr)
         self.log("lr", lr, on_step=True, on_epoch=False)

@@ -11,17 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 
 def half_cycle_cosine(
     epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float
 ) -> float:
+    """The lr at a fractional ``epoch`` (``epoch + step / steps_per_epoch``); clamps at the end."""
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
+    span = epochs - warmup_epochs
+    if span <= 0:
+        return base_lr
     progress = min((epoch - warmup_epochs) / span, 1.0)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 where it has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def weight_decay_groups(

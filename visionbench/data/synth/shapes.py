@@ -55,24 +55,24 @@ def _square(half: float) -> Polygon:
     return _poly((-half, -half), (half, -half), (half, half), (-half, half))
 
 
+def _rect(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    return _poly((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+
+
 SHAPES: dict[str, Callable[[], Parts]] = {
     "circle": lambda: [(_disc(0.85), 255)],
     "square": lambda: [(_square(0.72), 255)],
     "triangle": lambda: [(_regular(3, 1.0, -np.pi / 2) + np.array([0.0, 0.15]), 255)],
     "star": lambda: [(_star(), 255)],
-    "cross": lambda: [(_poly(
-        (-0.26, -1), (0.26, -1), (0.26, -0.26), (1, -0.26), (1, 0.26), (0.26, 0.26),
-        (0.26, 1), (-0.26, 1), (-0.26, 0.26), (-1, 0.26), (-1, -0.26), (-0.26, -0.26),
-    ), 255)],
+    "cross": lambda: [(_rect(-1, -0.26, 1, 0.26), 255), (_rect(-0.26, -1, 0.26, 1), 255)],
     "ring": lambda: [(_disc(0.95), 255), (_disc(0.55), 0)],
     "frame": lambda: [(_square(0.75), 255), (_square(0.42), 0)],
-    "arrow": lambda: [(_poly(
-        (-1, -0.2), (0.15, -0.2), (0.15, -0.62), (1, 0), (0.15, 0.62), (0.15, 0.2), (-1, 0.2),
-    ), 255)],
+    "arrow": lambda: [
+        (_rect(-1, -0.2, 0.2, 0.2), 255),
+        (_poly((0.15, -0.62), (1, 0), (0.15, 0.62)), 255),
+    ],
     "crescent": lambda: [(_disc(0.92), 255), (_disc(0.78, cx=0.5), 0)],
-    "l_shape": lambda: [(_poly(
-        (-0.7, -1), (-0.22, -1), (-0.22, 0.5), (0.75, 0.5), (0.75, 0.98), (-0.7, 0.98),
-    ), 255)],
+    "l_shape": lambda: [(_rect(-0.7, -1, -0.22, 0.98), 255), (_rect(-0.7, 0.5, 0.75, 0.98), 255)],
 }
 SHAPES_CLASSES: list[str] = list(SHAPES)
 
@@ -96,8 +96,10 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     if rng.random() < 0.5:
         period = rng.uniform(3, 9) * SUPERSAMPLE
         phi = rng.uniform(0, np.pi)
-        wave = np.sin(2 * np.pi * (xx * np.cos(phi) + yy * np.sin(phi)) * (n - 1) / period
-                      + rng.uniform(0, 2 * np.pi))
+        wave = np.sin(
+            2 * np.pi * (xx * np.cos(phi) + yy * np.sin(phi)) * (n - 1) / period
+            + rng.uniform(0, 2 * np.pi)
+        )
         texture = rng.uniform(8, 30) * wave
     else:
         cells = int(rng.integers(3, 9))
@@ -126,8 +128,9 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int) -> Non
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
 
-def _object_mask(parts: Parts, rng: np.random.Generator, n: int) -> tuple[Image.Image, float,
-                                                                          np.ndarray]:
+def _object_mask(
+    parts: Parts, rng: np.random.Generator, n: int
+) -> tuple[Image.Image, float, np.ndarray]:
     """The object's mask at a random scale, rotation, mirror and position."""
     extent = rng.uniform(0.4, 0.8) * n  # object diameter
     radius = extent / 2
@@ -165,8 +168,9 @@ def _object_colour(rng: np.random.Generator, bg_under: np.ndarray) -> tuple[int,
     return tuple(int(v) for v in best)
 
 
-def _occluder(draw: ImageDraw.ImageDraw, rng: np.random.Generator, radius: float,
-              centre: np.ndarray) -> None:
+def _occluder(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, radius: float, centre: np.ndarray
+) -> None:
     """A small rectangle or blob over part of the object."""
     size = rng.uniform(0.25, 0.55) * radius
     angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.8) * radius
@@ -187,7 +191,8 @@ def render_shape(class_name: str, image_size: int, rng: np.random.Generator) -> 
     mask, radius, centre = _object_mask(SHAPES[class_name](), rng, n)
     weights = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
     bg_under = (np.asarray(canvas, dtype=np.float64) * weights).sum((0, 1)) / max(
-        weights.sum(), 1.0)
+        weights.sum(), 1.0
+    )
     canvas.paste(Image.new("RGB", (n, n), _object_colour(rng, bg_under)), mask=mask)
     if rng.random() < 0.35:
         _occluder(ImageDraw.Draw(canvas), rng, radius, centre)
@@ -213,8 +218,10 @@ def shapes_root(
 ) -> Path:
     """The cache folder of one parameter set, e.g. ``shapes-v1-32px-s0-n200-40-40``."""
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    name = (f"shapes-v{GENERATOR_VERSION}-{image_size}px-s{seed}"
-            f"-n{train_per_class}-{val_per_class}-{test_per_class}")
+    name = (
+        f"shapes-v{GENERATOR_VERSION}-{image_size}px-s{seed}"
+        f"-n{train_per_class}-{val_per_class}-{test_per_class}"
+    )
     return base / name
 
 
@@ -289,7 +296,7 @@ def generate_shapes(
     tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not
     try:
         counts = (train_per_class, val_per_class, test_per_class)
-        for split_id, (split, count) in enumerate(zip(SPLITS, counts)):
+        for split_id, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
             _write_split(tmp / split, split_id, count, image_size, seed)
         (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
         try:
@@ -315,7 +322,5 @@ def prepare_shapes(
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Generate (once) into the cache and return the folder, ready for ``load_splits``."""
-    root = shapes_root(image_size, seed, train_per_class, val_per_class, test_per_class,
-                       cache_dir)
-    return generate_shapes(root, image_size, train_per_class, val_per_class, test_per_class,
-                           seed)
+    root = shapes_root(image_size, seed, train_per_class, val_per_class, test_per_class, cache_dir)
+    return generate_shapes(root, image_size, train_per_class, val_per_class, test_per_class, seed)

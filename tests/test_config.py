@@ -1,0 +1,86 @@
+import pytest
+
+from visionbench.config import parse_set, resolve_config
+from visionbench.errors import ConfigError
+from visionbench.registry import EXPERIMENTS, get_experiment
+from visionbench.results.leaderboard import read_reference
+
+
+def test_demo_profile_overrides_defaults():
+    cfg = resolve_config("mae")
+    assert cfg.profile == "demo"
+    assert cfg.data.dataset == "shapes" and cfg.data.image_size == 32
+    assert cfg.model.backbone_kwargs["patch_size"] == 4
+    assert cfg.pretrain.mask_ratio == 0.75  # from the defaults
+    assert cfg.data.root is None
+
+
+def test_sets_and_flags_apply_in_order(tmp_path):
+    cfg = resolve_config(
+        "mae", "demo", ["pretrain.epochs=3", "eval.knn.k=7", "model.backbone_kwargs.depth=2"],
+        {"pretrain.epochs": 5, "seed": 11, "data.root": str(tmp_path), "seed_unused": None},
+    )
+    assert cfg.pretrain.epochs == 5  # the named flag wins over --set
+    assert cfg.eval.knn.k == 7
+    assert cfg.model.backbone_kwargs["depth"] == 2
+    assert cfg.seed == 11 and cfg.data.root == str(tmp_path)
+
+
+def test_paper_profile_needs_a_data_root(tmp_path):
+    with pytest.raises(ConfigError, match="--data-root"):
+        resolve_config("mae", "paper")
+    cfg = resolve_config("mae", "paper", flags={"data.root": str(tmp_path)})
+    assert cfg.model.backbone == "vit_base_patch16_224"
+    assert cfg.data.image_size == 224 and cfg.pretrain.epochs == 800
+    assert cfg.pretrain.blr == 1.5e-4 and cfg.pretrain.warmup_epochs == 40
+    assert resolve_config("mae", "paper", require_data=False).data.root is None
+
+
+@pytest.mark.parametrize(
+    "sets,flags,message",
+    [
+        (["model.foo=1"], {}, "unknown key 'model.foo'; allowed here: backbone"),
+        (["data.batch_size=abc"], {}, "data.batch_size: Input should be a valid integer"),
+        (["pretrain.mask_ratio=1.5"], {}, "pretrain.mask_ratio"),
+        ([], {"model.backbone": "vit_nope"}, "unknown backbone 'vit_nope'"),
+        ([], {"model.norm": "nope"}, "unknown norm 'nope'; allowed: "),
+        ([], {"data.root": "/does/not/exist"}, "data root /does/not/exist does not exist"),
+        ([], {"trainer.precision": "8-bit"}, "trainer.precision"),
+        (["eval.linear_probe.lrs=[0.1]"], {}, "at least 8"),
+        (["pretrain=3"], {}, "pretrain"),
+    ],
+)
+def test_errors_name_the_key_and_what_is_allowed(sets, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
+        resolve_config("mae", "demo", sets, flags)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(str(resolve_config.__globals__["config_path"]("mae")))
+
+
+def test_parse_set():
+    assert parse_set("a.b=3") == ("a.b", 3)
+    assert parse_set("a=[1, 2]") == ("a", [1, 2])
+    assert parse_set("a=hello") == ("a", "hello")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_set("novalue")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_set("a..b=1")
+
+
+def test_unknown_experiment_and_profile():
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'; available: mae"):
+        get_experiment("nope")
+    with pytest.raises(ConfigError, match="unknown profile"):
+        resolve_config("mae", "fast")
+
+
+def test_registry_numbers_match_reference_csv():
+    rows = read_reference("results/reference.csv")
+    for entry in EXPERIMENTS.values():
+        resolve_config(entry.name)  # every entry has a config that validates
+        for r in entry.reported:
+            match = [row for row in rows if row["experiment"] == entry.name
+                     and row["backbone"] == r.backbone and row["protocol"] == r.protocol]
+            assert len(match) == 1, (entry.name, r)
+            assert float(match[0]["value"]) == r.value
+            assert match[0]["run_id"] == f"paper:{r.source}"

@@ -1,0 +1,237 @@
+"""The ``visionbench`` command: parses, validates and calls the runner. No science here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from visionbench.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="visionbench: vision pretraining and transfer benchmarks, one command per paper.",
+)
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+RUNS_DIR = Path("results/runs")
+LEADERBOARD = Path("results/leaderboard.csv")
+REFERENCE = Path("results/reference.csv")
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error; errors re-raised from DataLoader workers carry the
+    worker's traceback in their message, whose last line is the original message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1]
+    for cls in ("DataError", "ConfigError", "WeightsError", "UserError"):
+        marker = f"visionbench.errors.{cls}: "
+        if marker in last:
+            return last.split(marker, 1)[1]
+    return lines[0] if len(lines) == 1 else last
+
+
+@app.command("list")
+def list_cmd(
+    format: str = typer.Option("table", "--format", help="table, csv or json"),
+    norms: bool = typer.Option(False, "--norms", help="list the normalization catalog instead"),
+) -> None:
+    """The registry: paper, method, backbone, norm, placement, task."""
+    if format not in ("table", "csv", "json"):
+        raise UserError(f"--format {format!r}: expected table, csv or json")
+    if norms:
+        from visionbench.norms import NORMS
+
+        rows = [
+            {"name": s.name, "kind": s.kind, "paper": s.paper, "arxiv": s.arxiv,
+             "formula": s.formula, "defaults": json.dumps(s.defaults)}
+            for s in NORMS.values()
+        ]
+    else:
+        from visionbench.registry import EXPERIMENTS
+
+        rows = [e.row() for e in EXPERIMENTS.values()]
+        if format == "table":
+            shown = ("name", "arxiv", "method", "backbone", "norm", "placement", "dataset",
+                     "protocols")
+            rows = [{k: r[k] for k in shown} for r in rows]
+    emit_rows(rows, format)
+
+
+def emit_rows(rows: list[dict], format: str) -> None:
+    if format == "json":
+        console.print_json(json.dumps(rows))
+    elif format == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table()
+        for key in rows[0]:
+            table.add_column(key, overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(str(v)) for v in row.values()))
+        console.print(table)
+
+
+@app.command()
+def show(
+    name: str,
+    profile: str = typer.Option("demo", help="demo or paper"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+) -> None:
+    """One registry entry with its resolved config."""
+    import yaml
+
+    from visionbench.config import resolve_config, to_dict
+    from visionbench.registry import get_experiment
+
+    entry = get_experiment(name)
+    # Showing the paper profile must not need the data it would run on.
+    cfg = resolve_config(name, profile, set_, require_data=False)
+    console.print(f"[bold]{entry.name}[/bold]: {entry.paper} (arXiv {entry.arxiv})")
+    for key, value in entry.row().items():
+        if key not in ("name", "paper", "arxiv"):
+            console.print(f"  {key}: {value}", highlight=False)
+    for r in entry.reported:
+        console.print(f"  reported: {r.backbone} {r.protocol} {r.metric} = {r.value} ({r.source})",
+                      highlight=False)
+    console.print(f"\n[bold]resolved config ({profile} profile)[/bold]")
+    console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False, markup=False)
+
+
+@app.command()
+def run(
+    name: str,
+    profile: str = typer.Option("demo", help="demo (embedded data, CPU-sized) or paper"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    backbone: str | None = typer.Option(None, help="timm backbone name"),
+    norm: str | None = typer.Option(None, help="norm layer from the catalog"),
+    data_root: str | None = typer.Option(None, "--data-root", help="real data on disk"),
+    devices: str | None = typer.Option(None, help="Lightning devices (int or auto)"),
+    strategy: str | None = typer.Option(None, help="Lightning strategy: auto, ddp, fsdp"),
+    num_nodes: int | None = typer.Option(None, "--num-nodes"),
+    precision: str | None = typer.Option(None, help="bf16-mixed, 16-mixed or 32-true"),
+    max_epochs: int | None = typer.Option(None, "--max-epochs", help="pretraining epochs"),
+    seed: int | None = typer.Option(None),
+    out: Path = typer.Option(RUNS_DIR, help="folder of run folders"),
+    resume: Path | None = typer.Option(None, help="continue this interrupted run folder"),
+    leaderboard: Path = typer.Option(LEADERBOARD, help="leaderboard CSV the run adds rows to"),
+) -> None:
+    """Run every stage of an experiment into a new run folder."""
+    from visionbench.config import resolve_config
+    from visionbench.registry import get_experiment
+    from visionbench.runner import execute
+
+    get_experiment(name)
+    cfg = None
+    if resume is None:
+        flags = {
+            "model.backbone": backbone,
+            "model.norm": norm,
+            "data.root": data_root,
+            "trainer.devices": _devices(devices),
+            "trainer.strategy": strategy,
+            "trainer.num_nodes": num_nodes,
+            "trainer.precision": precision,
+            "pretrain.epochs": max_epochs,
+            "seed": seed,
+        }
+        cfg = resolve_config(name, profile, set_, flags)
+    elif set_ or any(v is not None for v in (backbone, norm, data_root, max_epochs, seed)):
+        raise UserError("--resume continues a run with its own config; drop the overrides")
+    _quiet_libraries()
+    run_dir = execute(name, cfg, out, resume=resume, leaderboard=leaderboard,
+                      log=lambda msg: console.print(f"[cyan]visionbench[/cyan] {msg}",
+                                                    highlight=False))
+    _print_summary(run_dir)
+
+
+def _devices(value: str | None):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def _quiet_libraries() -> None:
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*",
+                    ".*TPU available.*", ".*LeafSpec.*", ".*isinstance.*treespec.*",
+                    ".*`ModelCheckpoint` .* could not find the monitored key.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def _print_summary(run_dir: Path) -> None:
+    from visionbench.results.records import read_metrics
+
+    metrics = read_metrics(run_dir)
+    table = Table(title=f"{metrics['experiment']} ({metrics['backbone']}, {metrics['dataset']})")
+    for column in ("init", "protocol", "metric", "value"):
+        table.add_column(column)
+    for row in metrics["results"]:
+        table.add_row(row["init"], row["protocol"], row["metric"], f"{row['value']:.2f}")
+    console.print(table)
+    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
+    console.print(f"wall time: {metrics['wall_s']:.0f} s")
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    runs_dir: Path = typer.Option(RUNS_DIR, "--runs-dir"),
+    output: Path = typer.Option(LEADERBOARD, "--output"),
+    reference: Path = typer.Option(REFERENCE, "--reference"),
+) -> None:
+    """Add the rows of every finished run and of the paper references to the leaderboard."""
+    from visionbench.results.leaderboard import update_leaderboard
+
+    ref = reference if reference.is_file() else None
+    frame = update_leaderboard(runs_dir, output, ref)
+    console.print(f"{output}: {len(frame)} rows "
+                  f"({int((frame['source'] == 'run').sum())} from runs, "
+                  f"{int((frame['source'] == 'paper').sum())} from papers)")
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """Rebuild the linear-probing report of one run folder."""
+    from visionbench.results.report import write_report
+
+    path = write_report(run_dir)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except UserError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
