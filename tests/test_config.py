@@ -10,7 +10,7 @@ def test_demo_profile_overrides_defaults():
     cfg = resolve_config("mae")
     assert cfg.profile == "demo"
     assert cfg.data.dataset == "shapes" and cfg.data.image_size == 32
-    assert cfg.model.backbone_kwargs["patch_size"] == 4
+    assert cfg.model.backbone_kwargs["patch_size"] == 8
     assert cfg.pretrain.mask_ratio == 0.75  # from the defaults
     assert cfg.data.root is None
 

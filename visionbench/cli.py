@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from visionbench.errors import UserError
+from visionbench.errors import UserError, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -28,20 +28,6 @@ err_console = Console(stderr=True)
 RUNS_DIR = Path("results/runs")
 LEADERBOARD = Path("results/leaderboard.csv")
 REFERENCE = Path("results/reference.csv")
-
-
-def one_line(err: BaseException) -> str:
-    """The user-facing line of an error; errors re-raised from DataLoader workers carry the
-    worker's traceback in their message, whose last line is the original message."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    last = lines[-1]
-    for cls in ("DataError", "ConfigError", "WeightsError", "UserError"):
-        marker = f"visionbench.errors.{cls}: "
-        if marker in last:
-            return last.split(marker, 1)[1]
-    return lines[0] if len(lines) == 1 else last
 
 
 @app.command("list")

@@ -113,6 +113,7 @@ class MAEConfig(Strict):
     decoder_depth: int = Field(8, gt=0)
     decoder_num_heads: int = Field(16, gt=0)
     checkpoint_every_n_steps: int = Field(50, gt=0)
+    val_every_n_epochs: int = Field(1, gt=0)
     official_weights: str | None = None
     figure_images: int = Field(8, gt=0)
 

@@ -27,7 +27,7 @@ from visionbench.backbones import create_backbone, load_backbone_weights
 from visionbench.config import ExperimentConfig, to_dict, validate
 from visionbench.data.datamodule import ImageClassificationDataModule
 from visionbench.data.synth.shapes import prepare_shapes
-from visionbench.errors import ConfigError, UserError
+from visionbench.errors import ConfigError, UserError, one_line
 from visionbench.evals.features import cached_features
 from visionbench.evals.finetune import run_finetune
 from visionbench.evals.knn import knn_protocol
@@ -243,6 +243,7 @@ def pretrain_stage(run: Run, dm) -> None:
         callbacks=[checkpoint],
         log_every_n_steps=5,
         num_sanity_val_steps=0,
+        check_val_every_n_epoch=p.val_every_n_epochs,
         **run.trainer_kwargs(distributed=True),
     )
     resume = resume_checkpoint(ckpt_dir)
@@ -447,7 +448,7 @@ def execute(
         raise
     except BaseException as err:
         if is_global_zero():
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            run.mark(status="failed", error=reason, wall_s=wall_before + time.time() - started)
+            wall = wall_before + time.time() - started
+            run.mark(status="failed", error=one_line(err), wall_s=wall)
         raise
     return run.dir
