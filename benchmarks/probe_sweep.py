@@ -24,8 +24,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
 from visionbench.evals.features import extract_features, pooled_features
-from visionbench.evals.finetune import lr_at
 from visionbench.evals.linear_probe import LARS, LinearHeads, linear_probe_sweep, minibatches
+from visionbench.methods.schedule import half_cycle_cosine
 
 NUM_CLASSES = 10
 LRS = [0.3, 1.0, 3.0, 10.0]
@@ -90,7 +90,7 @@ def naive_probe(backbone, train, lr: float, wd: float, epochs: int, args):
         head.train()
         for step, (x, y) in enumerate(minibatches(images, labels, args.batch_size, generator)):
             for group in opt.param_groups:
-                group["lr"] = lr * lr_at(epoch + step / steps, 1.0, 0.0, 1, args.epochs)
+                group["lr"] = lr * half_cycle_cosine(epoch + step / steps, 1.0, 0.0, 1, args.epochs)
             loss = F.cross_entropy(head(frozen_cls(backbone, x))[0], y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

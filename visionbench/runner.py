@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from visionbench.backbones import create_backbone, load_backbone_weights
 from visionbench.config import ExperimentConfig, to_dict, validate
@@ -74,13 +75,7 @@ class Run:
         return f"cuda:{torch.cuda.get_device_name(0)}"
 
     def trainer_kwargs(self, distributed: bool) -> dict:
-        t = self.cfg.trainer
-        kw = {"accelerator": t.accelerator, "precision": self.precision}
-        if distributed:
-            kw.update(devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
-        else:  # evaluation stages run in this one process on one device
-            kw.update(devices=1)
-        return kw
+        return trainer_kwargs(self.cfg, distributed)
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -97,6 +92,30 @@ class Run:
         status.update(fields)
         status["updated"] = utc_now()
         atomic_write_json(self.dir / "status.json", status)
+
+
+def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
+    t = cfg.trainer
+    kw = {"accelerator": t.accelerator, "precision": t.precision or default_precision()}
+    if distributed:
+        kw.update(devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
+    else:  # evaluation stages run in this one process on one device
+        kw.update(devices=1)
+    return kw
+
+
+def check_trainer_settings(cfg: ExperimentConfig) -> None:
+    """Lightning's verdict on accelerator/devices/strategy/precision, before anything is
+    written: a bad combination is a one-line ConfigError, not a traceback mid-run."""
+    try:
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, **trainer_kwargs(cfg, distributed=True))
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
+        t = cfg.trainer
+        raise ConfigError(
+            f"trainer (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+            f"precision={t.precision or default_precision()}): {one_line(err)}"
+        ) from None
 
 
 def utc_now() -> str:
@@ -277,12 +296,11 @@ def resume_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def reconstruction_figure(run: Run, model: MAE, dm) -> None:
-    n = run.cfg.pretrain.figure_images
-    images = []
-    for batch, _ in dm.eval_dataloader("val", batch_size=n):
-        images.append(batch)
-        break
-    imgs = images[0][:n]
+    """Input, masked input and reconstruction of validation images spread over the classes."""
+    dataset = dm.eval_dataloader("val").dataset
+    n = min(run.cfg.pretrain.figure_images, len(dataset))
+    picks = torch.linspace(0, len(dataset) - 1, n).long().tolist()
+    imgs = torch.stack([dataset[i][0] for i in picks])
     model = model.cpu().eval()
     noise = torch.rand(imgs.shape[0], model.grid[0] * model.grid[1],
                        generator=torch.Generator().manual_seed(run.cfg.seed))
@@ -430,6 +448,8 @@ def execute(
 ) -> Path:
     """Run every stage of experiment ``name``; returns the run folder."""
     entry = get_experiment(name)
+    if cfg is not None:
+        check_trainer_settings(cfg)
     run = open_run(resume, name, log) if resume else create_run(entry, cfg, out, log)
     log(f"run folder: {run.dir}")
     started = time.time()
@@ -438,6 +458,7 @@ def execute(
         dm = datamodule(run)
         if "pretrained" in run.cfg.eval.inits and not run.cfg.model.weights:
             pretrain_stage(run, dm)
+            run.mark(wall_s=wall_before + time.time() - started)
         for init in run.cfg.eval.inits:
             eval_stage(run, init, dm)
             run.mark(f"eval:{init}", wall_s=wall_before + time.time() - started)

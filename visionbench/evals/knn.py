@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
 
@@ -57,16 +58,18 @@ def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     check_knn_inputs(train_x, train_y, test_x, test_y, k)
     device = train_x.device
     train_x, train_y = train_x.float(), train_y.long()
-    top5 = min(5, k, num_classes)
-    correct1 = correct5 = 0
+    top1 = accuracy_metric(num_classes, 1, device)
+    top5 = accuracy_metric(num_classes, min(5, k, num_classes), device)
     for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
         scores = weighted_votes(train_x, train_y, x, num_classes, k, temperature)
-        ranked = scores.sort(dim=1, descending=True, stable=True).indices
-        hits = ranked.eq(y[:, None])
-        correct1 += int(hits[:, :1].sum())
-        correct5 += int(hits[:, :top5].sum())
-    total = test_x.shape[0]
-    return {"top1": correct1 * 100.0 / total, "top5": correct5 * 100.0 / total}
+        top1.update(scores, y)
+        top5.update(scores, y)
+    return {"top1": float(top1.compute()) * 100.0, "top5": float(top5.compute()) * 100.0}
+
+
+def accuracy_metric(num_classes: int, top_k: int, device) -> MulticlassAccuracy:
+    """Sample-averaged top-k accuracy, accumulated over chunks by torchmetrics."""
+    return MulticlassAccuracy(num_classes, top_k=top_k, average="micro").to(device)
 
 
 @torch.no_grad()
@@ -77,7 +80,7 @@ def knn_majority(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     check_knn_inputs(train_x, train_y, test_x, test_y, k)
     device = train_x.device
     train_x, train_y = train_x.float(), train_y.long()
-    correct = 0
+    top1 = accuracy_metric(num_classes, 1, device)
     for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
         _, index = nearest_neighbours(train_x, x, k)
         neighbours = train_y[index]  # (B, k), nearest first
@@ -89,8 +92,8 @@ def knn_majority(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         first_rank.scatter_reduce_(1, neighbours, ranks, reduce="amin")
         # Votes dominate; the nearer first occurrence only breaks ties.
         score = counts * (kk + 1) + (kk - first_rank)
-        correct += int(score.argmax(dim=1).eq(y).sum())
-    return {"top1": correct * 100.0 / test_x.shape[0]}
+        top1.update(score.float(), y)
+    return {"top1": float(top1.compute()) * 100.0}
 
 
 def knn_protocol(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,

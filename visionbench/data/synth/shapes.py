@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from visionbench.errors import DataError
 
@@ -142,7 +143,7 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int) -> Non
 def _object_mask(
     parts: Parts, rng: np.random.Generator, n: int
 ) -> tuple[Image.Image, float, np.ndarray]:
-    """The object's mask at a random scale, rotation, mirror and position."""
+    """The object's mask at a random scale, rotation and position."""
     extent = rng.uniform(*SCALE_RANGE) * n  # object diameter
     radius = extent / 2
     theta = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
@@ -274,12 +275,15 @@ def _check_same(root: Path, found: dict, wanted: dict) -> Path:
 
 
 def _write_split(folder: Path, split_id: int, count: int, image_size: int, seed: int) -> None:
-    for class_id, name in enumerate(SHAPES_CLASSES):
-        class_dir = folder / name
-        class_dir.mkdir(parents=True)
-        for index in range(count):
-            rng = np.random.default_rng([seed, split_id, class_id, index])
-            render_shape(name, image_size, rng).save(class_dir / f"{index:05d}.png")
+    total = count * len(SHAPES_CLASSES)
+    with tqdm(total=total, desc=f"shapes {folder.name}", leave=False) as bar:
+        for class_id, name in enumerate(SHAPES_CLASSES):
+            class_dir = folder / name
+            class_dir.mkdir(parents=True)
+            for index in range(count):
+                rng = np.random.default_rng([seed, split_id, class_id, index])
+                render_shape(name, image_size, rng).save(class_dir / f"{index:05d}.png")
+                bar.update()
 
 
 def generate_shapes(
