@@ -117,6 +117,13 @@ class MAEConfig(Strict):
     official_weights: str | None = None
     figure_images: int = Field(8, gt=0)
 
+    @field_validator("official_weights")
+    @classmethod
+    def _official_weights_exist(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value} not found")
+        return value
+
 
 class TrainerConfig(Strict):
     accelerator: str = "auto"

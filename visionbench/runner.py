@@ -33,6 +33,7 @@ from visionbench.evals.features import cached_features
 from visionbench.evals.finetune import run_finetune
 from visionbench.evals.knn import knn_protocol
 from visionbench.evals.linear_probe import linear_probe_sweep
+from visionbench.methods import build_method
 from visionbench.methods.mae import MAE
 from visionbench.registry import Experiment, get_experiment
 from visionbench.results.figures import save_reconstruction_figure
@@ -217,34 +218,14 @@ def build_encoder(run: Run, drop_path_rate: float = 0.0) -> torch.nn.Module:
 
 
 def pretrain_stage(run: Run, dm) -> None:
-    """MAE pretraining with Lightning; saves the encoder and the reconstruction figure."""
+    """Pretraining with Lightning; saves the encoder (and, for MAE, the reconstruction figure)."""
     p = run.cfg.pretrain
     ckpt_dir = run.dir / "checkpoints"
     encoder_file = ckpt_dir / ENCODER_FILE
     if run.stage_done("pretrain") and encoder_file.is_file():
         run.log("pretraining already done: skipped")
         return
-    encoder = build_encoder(run)
-    family = type(encoder).__name__
-    if family != "VisionTransformer":
-        raise ConfigError(
-            f"model.backbone: MAE pretraining needs a ViT, got {run.cfg.model.backbone}"
-        )
-    model = MAE(
-        encoder,
-        decoder_embed_dim=p.decoder_embed_dim,
-        decoder_depth=p.decoder_depth,
-        decoder_num_heads=p.decoder_num_heads,
-        norm=run.cfg.model.norm,
-        mask_ratio=p.mask_ratio,
-        norm_pix_loss=p.norm_pix_loss,
-        batch_size=run.cfg.data.batch_size,
-        blr=p.blr,
-        weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs,
-        epochs=p.epochs,
-        min_lr=p.min_lr,
-    )
+    model = build_method(run.cfg, build_encoder(run))
     if p.official_weights:
         run.log(model.load_official(p.official_weights))
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
@@ -277,7 +258,8 @@ def pretrain_stage(run: Run, dm) -> None:
     tmp = encoder_file.with_suffix(".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, encoder_file)
-    reconstruction_figure(run, model, dm)
+    if isinstance(model, MAE):
+        reconstruction_figure(run, model, dm)
     run.mark("pretrain")
 
 

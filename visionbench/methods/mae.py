@@ -19,7 +19,7 @@ from torch import nn
 from visionbench.backbones.pos_embed import fixed_sincos_
 from visionbench.backbones.vit import init_linear_and_norm_
 from visionbench.backbones.weights import read_state_dict, split_mae_state
-from visionbench.errors import WeightsError
+from visionbench.errors import ConfigError, WeightsError
 from visionbench.methods.base import PretrainModule
 from visionbench.norms import norm_layer
 
@@ -141,6 +141,30 @@ class MAE(PretrainModule):
         for name, module in self.named_modules():
             if not name.startswith("encoder"):
                 init_linear_and_norm_(module)
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, cfg) -> MAE:
+        """The module an ``ExperimentConfig`` describes, around ``encoder``."""
+        if not isinstance(encoder, VisionTransformer):
+            raise ConfigError(
+                f"model.backbone: MAE pretraining needs a ViT, got {cfg.model.backbone}"
+            )
+        p = cfg.pretrain
+        return cls(
+            encoder,
+            decoder_embed_dim=p.decoder_embed_dim,
+            decoder_depth=p.decoder_depth,
+            decoder_num_heads=p.decoder_num_heads,
+            norm=cfg.model.norm,
+            mask_ratio=p.mask_ratio,
+            norm_pix_loss=p.norm_pix_loss,
+            batch_size=cfg.data.batch_size,
+            blr=p.blr,
+            weight_decay=p.weight_decay,
+            warmup_epochs=p.warmup_epochs,
+            epochs=p.epochs,
+            min_lr=p.min_lr,
+        )
 
     # -- model ------------------------------------------------------------------------------
     def forward_encoder(
