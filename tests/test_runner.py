@@ -64,6 +64,8 @@ def test_mae_demo_runs_end_to_end_and_writes_a_complete_record(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     assert metrics["precision"] == "32-true" and metrics["device"] == "cpu"
+    assert metrics["backbone"] == ("vit_tiny_patch16_224[depth=2,embed_dim=32,img_size=16,"
+                                   "num_heads=2,patch_size=4]")
     protocols = {(r["init"], r["protocol"], r["metric"]) for r in metrics["results"]}
     for init in ("mae", "random"):
         assert (init, "linear_probe", "top1") in protocols

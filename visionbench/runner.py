@@ -198,6 +198,15 @@ def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None)
     return dm
 
 
+def backbone_label(run: Run) -> str:
+    """The timm name, plus the constructor overrides that changed its architecture."""
+    m = run.cfg.model
+    if not m.backbone_kwargs:
+        return m.backbone
+    args = ",".join(f"{k}={v}" for k, v in sorted(m.backbone_kwargs.items()))
+    return f"{m.backbone}[{args}]"
+
+
 def dataset_name(run: Run) -> str:
     d = run.cfg.data
     return d.dataset if d.root is None else f"{d.dataset}:{Path(d.root).name}"
@@ -398,7 +407,7 @@ def finish(run: Run, wall_s: float, leaderboard: Path | None) -> dict:
         "experiment": run.entry.name,
         "paper": run.entry.paper,
         "method": run.entry.method,
-        "backbone": cfg.model.backbone,
+        "backbone": backbone_label(run),
         "norm": cfg.model.norm,
         "placement": cfg.model.placement,
         "dataset": dataset_name(run),

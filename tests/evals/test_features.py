@@ -7,16 +7,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals.features import cached_features, extract_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
-    threads make the tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 EMBED = 32
 
 

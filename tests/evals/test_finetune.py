@@ -15,16 +15,6 @@ from visionbench.evals.finetune import (
 from visionbench.methods.schedule import half_cycle_cosine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
-    threads make the tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit() -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,

@@ -7,16 +7,6 @@ from visionbench.errors import ConfigError
 from visionbench.evals.knn import knn_classify, knn_majority, knn_protocol, weighted_votes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
-    threads make the tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unit(angle_deg: float) -> list[float]:
     a = math.radians(angle_deg)
     return [math.cos(a), math.sin(a)]

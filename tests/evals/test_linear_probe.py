@@ -5,16 +5,6 @@ import visionbench.evals.linear_probe as linear_probe
 from visionbench.errors import ConfigError
 from visionbench.evals.linear_probe import LARS, LinearHeads, linear_probe_sweep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores idle-waiting
-    threads make the tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 C, D = 4, 16
 LRS = [1.0, 3.0, 10.0, 30.0]
 WDS = [0.0, 1e4]
