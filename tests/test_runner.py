@@ -175,3 +175,18 @@ def test_a_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
 
     again = visionbench("run", "mae", "--resume", str(run), cwd=tmp_path)
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.slow
+def test_ddp_pretraining_through_the_cli_writes_one_run(tmp_path):
+    """Two CPU processes pretrain; rank 0 alone evaluates in the same run folder."""
+    out = tmp_path / "runs"
+    result = visionbench("run", "mae", *TINY, "--set", "pretrain.epochs=1",
+                         "--set", "eval.finetune.enabled=false", "--devices", "2",
+                         "--strategy", "ddp", "--set", "trainer.accelerator=cpu",
+                         "--out", str(out), "--leaderboard", str(tmp_path / "lb.csv"),
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(out)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+    assert (run / "checkpoints" / "encoder.safetensors").is_file()

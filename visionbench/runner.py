@@ -168,7 +168,7 @@ def open_run(run_dir: Path, name: str, log) -> Run:
 def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None):
     d = run.cfg.data
     if d.root is None:
-        if d.dataset != "shapes":
+        if d.dataset not in EMBEDDED:
             raise ConfigError(f"data.dataset {d.dataset!r} has no embedded generator; "
                               "pass --data-root or use dataset 'shapes'")
         run.log("preparing the embedded 'shapes' data set (written once to the cache)")
@@ -207,9 +207,15 @@ def backbone_label(run: Run) -> str:
     return f"{m.backbone}[{args}]"
 
 
+EMBEDDED = ("shapes",)  # data sets the demo profile generates when no --data-root is given
+
+
 def dataset_name(run: Run) -> str:
+    """The data set's name; with --data-root on the demo profile, the folder's name."""
     d = run.cfg.data
-    return d.dataset if d.root is None else f"{d.dataset}:{Path(d.root).name}"
+    if d.root is not None and d.dataset in EMBEDDED:
+        return Path(d.root).name
+    return d.dataset
 
 
 def build_encoder(run: Run, drop_path_rate: float = 0.0) -> torch.nn.Module:
@@ -261,6 +267,8 @@ def pretrain_stage(run: Run, dm) -> None:
     trainer.fit(model, datamodule=dm, ckpt_path=resume)
     if not trainer.is_global_zero:
         raise SystemExit(0)  # DDP workers stop here; rank 0 evaluates on one device
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # nothing after this syncs across ranks
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}

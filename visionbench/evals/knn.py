@@ -69,7 +69,9 @@ def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 
 def accuracy_metric(num_classes: int, top_k: int, device) -> MulticlassAccuracy:
     """Sample-averaged top-k accuracy, accumulated over chunks by torchmetrics."""
-    return MulticlassAccuracy(num_classes, top_k=top_k, average="micro").to(device)
+    # Local to this process: never gathered across DDP ranks.
+    metric = MulticlassAccuracy(num_classes, top_k=top_k, average="micro", sync_on_compute=False)
+    return metric.to(device)
 
 
 @torch.no_grad()

@@ -106,12 +106,13 @@ def head_logits(heads: LinearHeads, features: Tensor) -> Tensor:
 
 def accuracy(logits: Tensor, labels: Tensor, num_classes: int, top_k: int = 1) -> float:
     """Sample-averaged top-k accuracy in percent, by torchmetrics."""
-    metric = MulticlassAccuracy(num_classes, top_k=top_k, average="micro").to(logits.device)
+    metric = MulticlassAccuracy(num_classes, top_k=top_k, average="micro",
+                                sync_on_compute=False).to(logits.device)
     return float(metric(logits, labels)) * 100.0
 
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list[float]:
-    metric = MulticlassAccuracy(num_classes, average=None).to(logits.device)
+    metric = MulticlassAccuracy(num_classes, average=None, sync_on_compute=False).to(logits.device)
     return [float(v) * 100.0 for v in metric(logits, labels)]
 
 
