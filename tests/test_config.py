@@ -48,6 +48,8 @@ def test_paper_profile_needs_a_data_root(tmp_path):
         ([], {"trainer.precision": "8-bit"}, "trainer.precision"),
         (["eval.linear_probe.lrs=[0.1]"], {}, "at least 8"),
         (["pretrain=3"], {}, "pretrain"),
+        (["model.weights=/no/such.pt"], {}, "model.weights: weights file /no/such.pt not found"),
+        (["pretrain.official_weights=/no/w.pth"], {}, "pretrain.official_weights: weights file"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(sets, flags, message):

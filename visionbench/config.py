@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,15 @@ from visionbench.errors import ConfigError
 
 PROFILES = ("demo", "paper")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _existing_file(value: str | None) -> str | None:
+    if value is not None and not Path(value).expanduser().is_file():
+        raise ValueError(f"weights file {value} not found")
+    return value
+
+
+LocalFile = Annotated[str | None, AfterValidator(_existing_file)]  # weights: local files only
 
 
 class Strict(BaseModel):
@@ -73,7 +83,7 @@ class ModelConfig(Strict):
     backbone_kwargs: dict[str, Any] = {}
     norm: str = "layernorm"
     placement: str = "pre"
-    weights: str | None = None
+    weights: LocalFile = None
 
     @field_validator("backbone")
     @classmethod
@@ -92,12 +102,6 @@ class ModelConfig(Strict):
             raise ValueError(f"unknown norm {value!r}; allowed: {', '.join(list_norms())}")
         return value
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_file():
-            raise ValueError(f"weights file {value} not found")
-        return value
 
 
 class MAEConfig(Strict):
@@ -114,15 +118,8 @@ class MAEConfig(Strict):
     decoder_num_heads: int = Field(16, gt=0)
     checkpoint_every_n_steps: int = Field(50, gt=0)
     val_every_n_epochs: int = Field(1, gt=0)
-    official_weights: str | None = None
+    official_weights: LocalFile = None
     figure_images: int = Field(8, gt=0)
-
-    @field_validator("official_weights")
-    @classmethod
-    def _official_weights_exist(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_file():
-            raise ValueError(f"weights file {value} not found")
-        return value
 
 
 class TrainerConfig(Strict):
