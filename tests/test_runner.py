@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,8 @@ def test_mae_demo_runs_end_to_end_and_writes_a_complete_record(tmp_path):
         assert (init, "knn_k5_majority", "top1") in protocols
         assert (init, "finetune", "top1") in protocols
     env = json.loads((run / "environment.json").read_text())
-    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert env["packages"]["torch"] == metadata.version("torch")
+    assert env["precision"] == "32-true" and "git_commit" in env
     board = read_leaderboard(tmp_path / "leaderboard.csv")
     assert list(board.columns) == COLUMNS
     assert set(board["init"]) == {"mae", "random"} and set(board["source"]) == {"run"}
