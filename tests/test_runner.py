@@ -192,3 +192,16 @@ def test_ddp_pretraining_through_the_cli_writes_one_run(tmp_path):
     run = only_run(out)
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
     assert (run / "checkpoints" / "encoder.safetensors").is_file()
+
+
+def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    from visionbench.runner import resume_checkpoint
+
+    whole = tmp_path / "step10.ckpt"
+    torch.save({"global_step": 10}, whole)
+    cut = tmp_path / "last.ckpt"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    os.utime(cut, (time.time() + 5, time.time() + 5))  # the newest file is the broken one
+    assert resume_checkpoint(tmp_path) == str(whole)
+    assert resume_checkpoint(tmp_path / "missing") is None

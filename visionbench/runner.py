@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -281,17 +282,15 @@ def pretrain_stage(run: Run, dm) -> None:
 
 
 def resume_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint that loads; a file cut short by a kill is skipped."""
+    """The newest whole checkpoint; a file cut short by a kill is skipped.
+
+    ``torch.save`` writes a zip archive whose directory sits at its end, so a truncated file
+    fails ``is_zipfile`` without being read or unpickled (Lightning then loads the one kept).
+    """
     if not ckpt_dir.is_dir():
         return None
     candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a truncated file: try the next one
-            continue
-        return str(path)
-    return None
+    return next((str(path) for path in candidates if zipfile.is_zipfile(path)), None)
 
 
 def reconstruction_figure(run: Run, model: MAE, dm) -> None:
