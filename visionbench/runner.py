@@ -460,9 +460,8 @@ def execute(
         for init in run.cfg.eval.inits:
             eval_stage(run, init, dm)
             run.mark(f"eval:{init}", wall_s=wall_before + time.time() - started)
-        write_report(run.dir)
+        write_report(run.dir)  # from the evals; metrics.json stays the last record written
         finish(run, wall_before + time.time() - started, leaderboard)
-        write_report(run.dir)  # again, now with metrics.json
     except SystemExit:
         raise
     except BaseException as err:

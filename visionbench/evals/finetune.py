@@ -39,7 +39,6 @@ FINETUNE_DEFAULTS = {
     "cutmix": 0.0,
     "global_pool": True,
     "seed": None,
-    "drop_path": None,  # read by whoever builds the backbone, accepted here
 }
 FINETUNE_REQUIRED = ("base_lr", "epochs")
 # Prefix-token parameters that sit with the patch embedding in layer 0.
