@@ -42,8 +42,8 @@ def list_cmd(
         from visionbench.norms import NORMS
 
         rows = [
-            {"name": s.name, "kind": s.kind, "paper": s.paper, "arxiv": s.arxiv,
-             "formula": s.formula, "defaults": json.dumps(s.defaults)}
+            {"name": s.name, "kind": s.kind, "where": s.where, "paper": s.paper,
+             "arxiv": s.arxiv, "formula": s.formula, "defaults": json.dumps(s.defaults)}
             for s in NORMS.values()
         ]
     else:

@@ -5,12 +5,26 @@ that timm calls as ``norm_layer(dim, device=..., dtype=...)``.
 """
 
 from visionbench.norms.catalog import (
+    KINDS,
     NORMS,
     NormSpec,
     build_norm,
     list_norms,
     norm_layer,
+    norm_spec,
     register_norm,
 )
 
-__all__ = ["NORMS", "NormSpec", "build_norm", "list_norms", "norm_layer", "register_norm"]
+# Importing the layer modules registers their entries.
+from visionbench.norms import conv, token  # noqa: E402,F401
+
+__all__ = [
+    "KINDS",
+    "NORMS",
+    "NormSpec",
+    "build_norm",
+    "list_norms",
+    "norm_layer",
+    "norm_spec",
+    "register_norm",
+]
