@@ -39,6 +39,7 @@ class Experiment:
     config: str
     code: str
     reported: tuple[Reported, ...] = field(default_factory=tuple)
+    pipeline: str = "classification"  # the stages that run it (visionbench.runner.PIPELINES)
 
     def row(self) -> dict:
         d = asdict(self)

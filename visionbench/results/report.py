@@ -4,8 +4,9 @@ Reads ``metrics.json`` (header and results table) and ``evals/<init>/{linear_pro
 finetune}.json``; any of them may be missing and the report skips that part. Figures go to
 ``figures/``: ``probe_grid_<init>.png`` (validation top-1 over the lr x weight-decay grid)
 and ``per_class_<init>.png`` (per-class test accuracy of the best probe). Other PNGs already
-in ``figures/`` (e.g. ``mae_reconstruction.png``) are embedded as they are. Image links are
-relative to the run folder, so the folder can be moved or copied as a whole.
+in ``figures/`` (e.g. ``mae_reconstruction.png``) are embedded as they are, and so are the
+Markdown tables an experiment writes to ``tables/`` (e.g. per-layer NMI, throughput). Image
+links are relative to the run folder, so the folder can be moved or copied as a whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from visionbench.results.records import (
 
 REPORT_NAME = "report.md"
 FIGURES_DIR = "figures"
+TABLES_DIR = "tables"
+# Result fields that, when a run's results carry them, get their own column in the table.
+_RESULT_COLUMNS = ("backbone", "norm", "placement", "dataset", "init", "protocol", "metric")
 PROTOCOL_FILES = ("linear_probe", "knn", "finetune")
 
 _RUN_ID = re.compile(r"^(?P<stamp>\d{8}T\d{6}Z)-(?P<experiment>.+)-(?P<hash>[0-9a-f]{8})$")
@@ -56,6 +60,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines += _results_section(metrics.get("results") or _results_from_evals(evals))
     for init, protocols in evals.items():
         lines += _init_sections(run_dir, init, protocols, generated)
+    lines += _tables(run_dir)
     lines += _other_figures(run_dir, generated)
 
     path = run_dir / REPORT_NAME
@@ -138,12 +143,29 @@ def _fill_from(info: dict, path: Path, keys: tuple[str, ...]) -> None:
 def _results_section(results: list[dict]) -> list[str]:
     if not results:
         return []
-    lines = ["## Results", "", "| init | protocol | metric | value (%) |", "|---|---|---|---:|"]
+    columns = [c for c in _RESULT_COLUMNS if any(c in r for r in results)]
+    lines = ["## Results", "", "| " + " | ".join(columns) + " | value |",
+             "|" + "---|" * len(columns) + "---:|"]  # fmt: skip
     for r in results:
-        value = _pct(r.get("value"))
-        lines.append(f"| {_md(r.get('init'))} | {_md(r.get('protocol'))} "
-                     f"| {_md(r.get('metric'))} | {value} |")  # fmt: skip
+        cells = [_md(r.get(c, "")) for c in columns]
+        value = _pct(r.get("value")) if _is_percent(r.get("metric")) else _md(r.get("value"))
+        lines.append("| " + " | ".join(cells) + f" | {value} |")
     return lines + [""]
+
+
+def _is_percent(metric: Any) -> bool:
+    """Accuracies and IoUs are percentages; counts like a divergence step are not."""
+    return str(metric) in ("top1", "top5", "miou", "pixel_acc", "macc")
+
+
+def _tables(run_dir: Path) -> list[str]:
+    tables_dir = run_dir / TABLES_DIR
+    if not tables_dir.is_dir():
+        return []
+    lines = []
+    for path in sorted(tables_dir.glob("*.md")):
+        lines += [path.read_text().rstrip(), ""]
+    return lines
 
 
 def _init_sections(run_dir: Path, init: str, protocols: dict, generated: list[str]) -> list[str]:

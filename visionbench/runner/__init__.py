@@ -1,0 +1,39 @@
+"""The stages of experiments: ``execute(name, cfg, out)`` runs the pipeline its registry entry
+names and records the run (``core``); each pipeline lives in its own module."""
+
+from visionbench.runner.classification import run_classification
+from visionbench.runner.core import (
+    ENCODER_FILE,
+    RUN_DIR_ENV,
+    Run,
+    backbone_label,
+    build_encoder,
+    check_trainer_settings,
+    create_run,
+    dataset_name,
+    execute,
+    finish,
+    open_run,
+    resume_checkpoint,
+    trainer_kwargs,
+)
+
+PIPELINES = {"classification": run_classification}
+
+__all__ = [
+    "ENCODER_FILE",
+    "PIPELINES",
+    "RUN_DIR_ENV",
+    "Run",
+    "backbone_label",
+    "build_encoder",
+    "check_trainer_settings",
+    "create_run",
+    "dataset_name",
+    "execute",
+    "finish",
+    "open_run",
+    "resume_checkpoint",
+    "run_classification",
+    "trainer_kwargs",
+]

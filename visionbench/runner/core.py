@@ -1,0 +1,278 @@
+"""The run folder, its records and resume: what every experiment's stages share.
+
+A run folder ``results/runs/<UTC time>-<name>-<config hash>/`` holds ``config.yaml``,
+``environment.json``, ``status.json`` (running / failed / finished, the stages done), the
+Lightning CSV logs, checkpoints, the outputs of each stage, figures, tables, the report and,
+written atomically as the very last step, ``metrics.json``.
+
+Each stage writes its output atomically and is skipped on ``--resume`` when its output exists;
+training resumes from its ``last.ckpt`` (saved every few steps, so a run killed in the middle
+of an epoch loses at most those steps).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from visionbench.backbones import create_backbone
+from visionbench.config import ExperimentConfig, to_dict, validate
+from visionbench.errors import ConfigError, UserError, one_line
+from visionbench.registry import Experiment, get_experiment
+from visionbench.results.leaderboard import append_run
+from visionbench.results.records import (
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    environment_info,
+    make_run_id,
+    read_json,
+)
+
+RUN_DIR_ENV = "VISIONBENCH_RUN_DIR"  # lets DDP worker processes find their parent's run folder
+ENCODER_FILE = "encoder.safetensors"
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+@dataclass
+class Run:
+    entry: Experiment
+    cfg: ExperimentConfig
+    dir: Path
+    log: Callable[[str], None]
+    wall: Callable[[], float] = lambda: 0.0  # seconds of work so far, set by execute()
+
+    @property
+    def precision(self) -> str:
+        return self.cfg.trainer.precision or default_precision()
+
+    @property
+    def device(self) -> str:
+        if self.cfg.trainer.accelerator in ("cpu",) or not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+
+    def trainer_kwargs(self, distributed: bool) -> dict:
+        return trainer_kwargs(self.cfg, distributed)
+
+    # -- status -------------------------------------------------------------------------------
+    def status(self) -> dict:
+        path = self.dir / "status.json"
+        return read_json(path) if path.exists() else {"status": "running", "stages": []}
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.status().get("stages", [])
+
+    def mark(self, stage: str | None = None, **fields) -> None:
+        status = self.status()
+        if stage and stage not in status["stages"]:
+            status["stages"].append(stage)
+        status.update(fields)
+        status["updated"] = utc_now()
+        atomic_write_json(self.dir / "status.json", status)
+
+
+def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
+    t = cfg.trainer
+    kw = {"accelerator": t.accelerator, "precision": t.precision or default_precision()}
+    if distributed:
+        kw.update(devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
+    else:  # evaluation stages run in this one process on one device
+        kw.update(devices=1)
+    return kw
+
+
+def check_trainer_settings(cfg: ExperimentConfig) -> None:
+    """Lightning's verdict on accelerator/devices/strategy/precision, before anything is
+    written: a bad combination is a one-line ConfigError, not a traceback mid-run."""
+    try:
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, **trainer_kwargs(cfg, distributed=True))
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
+        t = cfg.trainer
+        raise ConfigError(
+            f"trainer (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+            f"precision={t.precision or default_precision()}): {one_line(err)}"
+        ) from None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+# -- run folders ------------------------------------------------------------------------------
+
+
+def create_run(entry: Experiment, cfg: ExperimentConfig, out: Path, log) -> Run:
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and not is_global_zero():
+        return Run(entry, cfg, Path(inherited), log)
+    tree = to_dict(cfg)
+    run_dir = Path(out) / make_run_id(entry.name, config_hash(tree))
+    run_dir.mkdir(parents=True, exist_ok=False)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+    run = Run(entry, cfg, run_dir, log)
+    atomic_write_json(run_dir / "environment.json", environment_info(run.precision, run.device))
+    run.mark(status="running", started=utc_now(), stages=[])
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run
+
+
+def open_run(run_dir: Path, name: str, log) -> Run:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = validate(tree, run_dir / "config.yaml")
+    if cfg.experiment != name:
+        raise UserError(f"{run_dir}: is a run of {cfg.experiment!r}, not {name!r}")
+    run = Run(get_experiment(name), cfg, run_dir, log)
+    status = run.status()
+    if status.get("status") == "finished":
+        raise UserError(f"{run_dir}: this run already finished; nothing to resume")
+    run.mark(status="running", resumed=utc_now())
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run
+
+
+
+# -- shared stage helpers ----------------------------------------------------------------
+
+
+def backbone_label(run: Run) -> str:
+    """The timm name, plus the constructor overrides that changed its architecture."""
+    m = run.cfg.model
+    if not m.backbone_kwargs:
+        return m.backbone
+    args = ",".join(f"{k}={v}" for k, v in sorted(m.backbone_kwargs.items()))
+    return f"{m.backbone}[{args}]"
+
+
+EMBEDDED = ("shapes",)  # data sets the demo profile generates when no --data-root is given
+
+
+def dataset_name(run: Run) -> str:
+    """The data set's name; with --data-root on the demo profile, the folder's name."""
+    d = run.cfg.data
+    if d.root is not None and d.dataset in EMBEDDED:
+        return Path(d.root).name
+    return d.dataset
+
+
+def build_encoder(run: Run, drop_path_rate: float = 0.0, model=None) -> torch.nn.Module:
+    """The backbone of ``run.cfg.model`` (or of ``model``, a ModelConfig), seeded."""
+    m, d = model or run.cfg.model, run.cfg.data
+    kwargs = dict(m.backbone_kwargs)
+    kwargs.setdefault("img_size", d.image_size)
+    kwargs.setdefault("in_chans", d.in_chans)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    L.seed_everything(run.cfg.seed, workers=True, verbose=False)
+    try:
+        return create_backbone(m.backbone, norm=m.norm, placement=m.placement, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_kwargs: {err}") from None
+
+
+def resume_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest whole checkpoint; a file cut short by a kill is skipped.
+
+    ``torch.save`` writes a zip archive whose directory sits at its end, so a truncated file
+    fails ``is_zipfile`` without being read or unpickled (Lightning then loads the one kept).
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((str(path) for path in candidates if zipfile.is_zipfile(path)), None)
+
+
+def finish(run: Run, results: list[dict], wall_s: float, leaderboard: Path | None,
+           epochs: int | None = None) -> dict:
+    """Write ``metrics.json`` (the last record of a run) and upsert its leaderboard rows.
+
+    A result may carry its own ``backbone``/``norm``/``placement``/``dataset``/``method``
+    (an ablation's entries differ in them); the run's values fill in the rest.
+    """
+    cfg = run.cfg
+    metrics = {
+        "run_id": run.dir.name,
+        "experiment": run.entry.name,
+        "paper": run.entry.paper,
+        "method": run.entry.method,
+        "backbone": backbone_label(run),
+        "norm": cfg.model.norm,
+        "placement": cfg.model.placement,
+        "dataset": dataset_name(run),
+        "seed": cfg.seed,
+        "epochs": cfg.pretrain.epochs if epochs is None else epochs,
+        "precision": run.precision,
+        "device": run.device,
+        "wall_s": round(wall_s, 1),
+        "timestamp": utc_now(),
+        "config_hash": config_hash(to_dict(cfg)),
+        "profile": cfg.profile,
+        "status": "finished",
+        "results": results,
+    }
+    atomic_write_json(run.dir / "metrics.json", metrics)
+    run.mark("metrics", status="finished", finished=metrics["timestamp"])
+    if leaderboard is not None:
+        append_run(run.dir, leaderboard)
+    return metrics
+
+
+def execute(
+    name: str,
+    cfg: ExperimentConfig | None,
+    out: Path,
+    resume: Path | None = None,
+    leaderboard: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every stage of experiment ``name``; returns the run folder.
+
+    The registry entry's ``pipeline`` names the stages (``visionbench.runner.PIPELINES``):
+    a pipeline takes the run and returns ``(results, epochs)`` for ``metrics.json``.
+    """
+    import time
+
+    from visionbench.results.report import write_report
+    from visionbench.runner import PIPELINES
+
+    entry = get_experiment(name)
+    if cfg is not None:
+        check_trainer_settings(cfg)
+    run = open_run(resume, name, log) if resume else create_run(entry, cfg, out, log)
+    log(f"run folder: {run.dir}")
+    started = time.time()
+    wall_before = float(run.status().get("wall_s", 0.0))
+    run.wall = lambda: wall_before + time.time() - started
+    try:
+        results, epochs = PIPELINES[entry.pipeline](run)
+        write_report(run.dir)  # metrics.json stays the last record written
+        finish(run, results, run.wall(), leaderboard, epochs)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        if is_global_zero():
+            run.mark(status="failed", error=one_line(err), wall_s=run.wall())
+        raise
+    return run.dir
