@@ -6,6 +6,10 @@ constructor arguments (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, `
 initialisation of facebookresearch/mae ``models_mae.py``: fixed 2-D sin-cos position embeddings
 (class slot zero), xavier-uniform linears and patch projection (seen as 2-D), normal(0.02)
 class token, LayerNorm weight 1 / bias 0.
+
+``placement`` puts the norm where a paper puts it (``pre``, ``post``, ``peri``, ``mix``, ``lns``;
+see ``visionbench/backbones/placements.py`` for the formulas and the official code followed).
+It is recorded as ``model.placement``; ``block_placement(model)`` lists it block by block.
 """
 
 from __future__ import annotations
@@ -16,12 +20,30 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from visionbench.backbones.placements import (
+    PLACEMENTS,
+    add_embedding_norm,
+    block_placement,
+    placement_kwargs,
+)
 from visionbench.backbones.pos_embed import fixed_sincos_
 from visionbench.errors import ConfigError
 from visionbench.norms import norm_layer
 
 VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch\d+_\d+$")
-PLACEMENTS = ("pre",)
+
+__all__ = [
+    "PLACEMENTS",
+    "block_placement",
+    "create_vit",
+    "grid_size",
+    "in_chans",
+    "init_linear_and_norm_",
+    "is_vit_name",
+    "mae_init_",
+    "model_depth",
+    "patch_size",
+]
 
 
 def is_vit_name(name: str) -> bool:
@@ -33,26 +55,48 @@ def create_vit(
     *,
     norm: str = "layernorm",
     placement: str = "pre",
+    mix_alpha: float | None = None,
     init: str = "mae",
     fixed_pos_embed: bool = True,
     **overrides,
 ) -> VisionTransformer:
-    """A headless (``num_classes=0``) timm ViT with the ``norm`` layer and ``placement``."""
+    """A headless (``num_classes=0``) timm ViT with the ``norm`` layer and ``placement``.
+
+    ``mix_alpha`` (placement ``mix`` only, default 0.25) is the fraction of blocks, counted
+    from the input and rounded down, that use Post-LN.
+    """
     if not is_vit_name(name):
         raise ConfigError(
             f"unknown ViT backbone {name!r}; expected a timm name like vit_base_patch16_224"
         )
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+    if init not in ("mae", "timm"):
+        raise ConfigError(f"unknown init {init!r}; allowed: mae, timm")
     overrides.setdefault("num_classes", 0)
+    make_norm = norm_layer(norm, kind="token")
+    depth = model_depth(name, overrides) if placement == "mix" else None
+    structure = placement_kwargs(placement, depth, mix_alpha)
+    fixed = sorted(set(structure) & set(overrides))
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} is set by placement {placement!r}; drop it")
     model = timm.create_model(
-        name, pretrained=False, norm_layer=norm_layer(norm, kind="token"), **overrides
+        name, pretrained=False, norm_layer=make_norm, **structure, **overrides
     )
+    if placement == "peri":
+        add_embedding_norm(model, make_norm)
+    model.placement = placement
     if init == "mae":
         mae_init_(model, fixed_pos_embed=fixed_pos_embed)
-    elif init != "timm":
-        raise ConfigError(f"unknown init {init!r}; allowed: mae, timm")
     return model
+
+
+def model_depth(name: str, overrides: dict) -> int:
+    """The number of blocks ``name`` gets with ``overrides``, read off a meta-device build."""
+    if "depth" in overrides:
+        return int(overrides["depth"])
+    rest = {k: v for k, v in overrides.items() if k not in ("device", "dtype")}
+    return len(timm.create_model(name, pretrained=False, device="meta", **rest).blocks)
 
 
 def mae_init_(model: VisionTransformer, fixed_pos_embed: bool = True) -> None:

@@ -55,9 +55,9 @@ def find_blocks(model: nn.Module) -> tuple[str, int]:
 
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:
-    """Layer of a ViT parameter name: embeddings 0, ``blocks.i`` i + 1, the rest (final
-    norm, fc_norm, head) ``num_layers``."""
-    if name in EMBEDDING_PARAMS or name.startswith("patch_embed"):
+    """Layer of a ViT parameter name: embeddings (and Peri-LN's embedding norm ``norm_pre``) 0,
+    ``blocks.i`` i + 1, the rest (final norm, fc_norm, head) ``num_layers``."""
+    if name in EMBEDDING_PARAMS or name.startswith(("patch_embed", "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
