@@ -4,6 +4,8 @@ Backbones never import a norm class directly: they receive ``norm_layer(name)``,
 that timm calls as ``norm_layer(dim, device=..., dtype=...)``.
 """
 
+# Importing the layer modules registers their entries.
+from visionbench.norms import conv, token  # noqa: E402,F401
 from visionbench.norms.catalog import (
     KINDS,
     NORMS,
@@ -14,9 +16,6 @@ from visionbench.norms.catalog import (
     norm_spec,
     register_norm,
 )
-
-# Importing the layer modules registers their entries.
-from visionbench.norms import conv, token  # noqa: E402,F401
 
 __all__ = [
     "KINDS",
