@@ -9,6 +9,7 @@ A config file has ``experiment``, ``defaults`` (the whole config) and ``profiles
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -84,6 +85,15 @@ class ModelConfig(Strict):
     norm: str = "layernorm"
     placement: str = "pre"
     weights: LocalFile = None
+
+    @field_validator("placement")
+    @classmethod
+    def _known_placement(cls, value: str) -> str:
+        from visionbench.backbones.vit import PLACEMENTS
+
+        if value not in PLACEMENTS:
+            raise ValueError(f"unknown placement {value!r}; allowed: {', '.join(PLACEMENTS)}")
+        return value
 
     @field_validator("backbone")
     @classmethod
@@ -177,6 +187,156 @@ class EvalConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
 
 
+class AblationEntry(Strict):
+    """One ViT entry of the norm ablation: a catalog token norm in a placement."""
+
+    norm: str
+    placement: Literal["pre", "post", "peri", "mix", "lns"] = "pre"
+    pretrain: dict[str, Any] = {}  # overrides of the pretrain section for this entry only
+
+    @field_validator("norm")
+    @classmethod
+    def _token_norm(cls, value: str) -> str:
+        from visionbench.norms import list_norms
+
+        if value not in list_norms("token"):
+            raise ValueError(f"unknown token norm {value!r}; allowed: "
+                             f"{', '.join(list_norms('token'))}")
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.norm}/{self.placement}"
+
+
+class ConvAblationConfig(Strict):
+    """Supervised ResNets from scratch, one per conv norm (the conv-norm papers' protocol)."""
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = {}
+    norms: list[str] = ["batchnorm", "groupnorm", "bcn_ws", "evonorm_b0", "evonorm_s0", "selu"]
+    epochs: int = Field(90, gt=0)
+    warmup_epochs: float = Field(5, ge=0)
+    lr: float = Field(0.1, gt=0)  # for batch 256; scaled linearly with the batch size
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, gt=0)
+
+    @field_validator("norms")
+    @classmethod
+    def _conv_norms(cls, value: list[str]) -> list[str]:
+        from visionbench.norms import list_norms
+
+        unknown = [n for n in value if n not in list_norms("conv")]
+        if unknown:
+            raise ValueError(f"unknown conv norm(s) {unknown}; allowed: "
+                             f"{', '.join(list_norms('conv'))}")
+        return value
+
+
+class ThroughputConfig(Strict):
+    norms: list[str] = ["layernorm", "batchnorm", "prepbn"]  # batchnorm, prepbn: folded
+    batch_size: int = Field(64, gt=0)
+    iterations: int = Field(20, gt=0)
+    warmup: int = Field(3, ge=0)
+
+
+class AblationConfig(Strict):
+    entries: list[AblationEntry] = []
+    stats_steps: list[int] = [0, 100, 1000]  # steps at which per-block statistics are taken
+    conv: ConvAblationConfig | None = ConvAblationConfig()
+    throughput: ThroughputConfig = ThroughputConfig()
+
+    @model_validator(mode="after")
+    def _unique_entries(self) -> AblationConfig:
+        labels = [e.label for e in self.entries]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"entries listed twice: {twice}")
+        if not self.entries and not (self.conv and self.conv.norms):
+            raise ValueError("the ablation lists no entry")
+        return self
+
+
+class TeacherConfig(Strict):
+    """UNIP's teacher: a local pretrained ViT, or one pretrained here by MAE on the mix."""
+
+    backbone: str = "vit_large_patch16_224"
+    backbone_kwargs: dict[str, Any] = {}
+    weights: LocalFile = None  # timm or official MAE layout; None: MAE pretraining in the run
+    epochs: int = Field(800, gt=0)  # MAE epochs when the teacher is pretrained here
+    layer: int | None = Field(None, ge=0)  # 0-based distilled block; None: deepest hybrid (NMI)
+
+
+class DistillConfig(Strict):
+    """NMI-HAD distillation (casiatao/UNIP UNIP_pretraining/train_scripts)."""
+
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: float = Field(5, ge=0)
+    blr: float = Field(1.5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every_n_steps: int = Field(1000, gt=0)
+
+
+class NMIConfig(Strict):
+    local_threshold: float = Field(0.12, gt=0, lt=1)
+    global_threshold: float = Field(0.06, gt=0, lt=1)
+    images: int = Field(256, gt=0)  # pretraining images the per-layer NMI is averaged over
+    batch_size: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NMIConfig:
+        if self.global_threshold >= self.local_threshold:
+            raise ValueError("global_threshold must be below local_threshold")
+        return self
+
+
+class SegProtocolConfig(Strict):
+    """One segmentation protocol (casiatao/UNIP UNIP_segmentation configs)."""
+
+    epochs: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=1)  # the pooling branch's BatchNorm needs 2 or more
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float | None = Field(0.85, gt=0, le=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    head: Literal["upernet", "fpn"] = "upernet"
+    channels: int | None = Field(None, gt=0)
+    aux_weight: float = Field(0.4, ge=0)
+    inference: Literal["whole", "slide"] = "slide"
+    stride: int = Field(341, gt=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> SegProtocolConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give epochs or max_steps")
+        return self
+
+
+class SegmentationConfig(Strict):
+    datasets: list[Literal["thermal", "soda", "mfnet", "scut-seg"]] = ["soda", "mfnet",
+                                                                       "scut-seg"]
+    crop_size: int = Field(512, gt=0)  # training crops and sliding windows
+    finetune: SegProtocolConfig = SegProtocolConfig(max_steps=14400)
+    linear: SegProtocolConfig = SegProtocolConfig(max_steps=14400, layer_decay=None)
+    figure_images: int = Field(4, gt=0)
+
+
+class UNIPConfig(Strict):
+    students: list[Literal["unip", "mae", "random"]] = ["unip", "mae", "random"]
+    # pretraining images under --data-root: folders of images (RGB ones turned grey) or
+    # infrared segmentation sets (their training images); the demo generates its own
+    pretrain_data: list[str] = ["InfMix"]
+    teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
+    nmi: NMIConfig = NMIConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+
+
 class ExperimentConfig(Strict):
     experiment: str
     profile: Literal["demo", "paper"] = "demo"
@@ -186,6 +346,8 @@ class ExperimentConfig(Strict):
     pretrain: MAEConfig = MAEConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    ablation: AblationConfig | None = None
+    unip: UNIPConfig | None = None
 
     @model_validator(mode="after")
     def _paper_needs_data(self, info: ValidationInfo) -> ExperimentConfig:
@@ -202,7 +364,7 @@ def config_path(name: str) -> Path:
     return CONFIG_DIR / f"{name}.yaml"
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -214,11 +376,30 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}:{where} not valid YAML ({problem})") from None
     if not isinstance(raw, dict) or "defaults" not in raw:
         raise ConfigError(f"{path}: expected a mapping with 'defaults' and 'profiles'")
-    unknown = set(raw) - {"experiment", "defaults", "profiles"}
+    unknown = set(raw) - {"experiment", "extends", "defaults", "profiles"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: "
-                          "experiment, defaults, profiles")
+                          "experiment, extends, defaults, profiles")
+    if raw.get("extends"):
+        raw = extend(path, raw, seen or (path.resolve(),))
     return raw
+
+
+def extend(path: Path, raw: dict, seen: tuple[Path, ...]) -> dict:
+    """``extends: other.yaml`` (next to this file): its defaults and profiles, overridden by
+    this file's (deep merge)."""
+    base_path = (path.parent / str(raw["extends"])).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {base_path.name}")
+    base = read_yaml(base_path, seen + (base_path,))
+    profiles = dict(base.get("profiles") or {})
+    for name, override in (raw.get("profiles") or {}).items():
+        profiles[name] = deep_merge(profiles.get(name) or {}, override or {})
+    return {
+        "experiment": raw.get("experiment"),
+        "defaults": deep_merge(base["defaults"], raw["defaults"] or {}),
+        "profiles": profiles,
+    }
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -274,7 +455,7 @@ def resolve_config(
         raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
     profiles = raw.get("profiles") or {}
     tree = deep_merge(raw["defaults"], profiles.get(profile) or {})
-    tree["experiment"] = raw.get("experiment", name)
+    tree["experiment"] = raw.get("experiment") or name
     tree["profile"] = profile
     for item in sets or []:
         key, value = parse_set(item)
@@ -312,11 +493,14 @@ def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = ExperimentConfig
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
+        if field is None:
             return []
-        if not issubclass(field.annotation, BaseModel):
+        # an optional section (``X | None``) lists X's keys
+        options = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+                   if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(options) != 1:
             return []
-        model = field.annotation
+        model = options[0]
     return list(model.model_fields)
 
 

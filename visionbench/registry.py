@@ -95,3 +95,24 @@ register(
         ),
     )
 )
+
+
+register(
+    Experiment(
+        name="norm-ablation",
+        paper="Normalization ablation: every catalog norm and placement on one footing",
+        arxiv="",
+        method="mae",
+        backbone="vit_base_patch16_224",
+        norm="catalog",
+        placement="pre,post,peri,mix,lns",
+        pretrain_data="imagenet-1k",
+        task="image classification",
+        dataset="imagenet-1k",
+        protocols=("linear_probe", "supervised"),
+        metrics=("top1", "top5", "diverged_at_step"),
+        config="configs/norm-ablation.yaml",
+        code="",
+        pipeline="norm_ablation",
+    )
+)

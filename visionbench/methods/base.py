@@ -19,6 +19,7 @@ from visionbench.methods.schedule import (
     set_lr,
     weight_decay_groups,
 )
+from visionbench.norms.token import attach_prepbn_schedule, prepbn_layers
 
 
 class PretrainModule(L.LightningModule):
@@ -67,6 +68,17 @@ class PretrainModule(L.LightningModule):
             self.blr, self.batch_size, trainer.accumulate_grad_batches, trainer.world_size
         )
         return torch.optim.AdamW(self.optimizer_groups(), lr=self.base_lr, betas=self.betas)
+
+    def on_train_start(self) -> None:
+        """SLAB's PRepBN decays its LayerNorm share over this fit's optimizer steps."""
+        if prepbn_layers(self):
+            total = int(self.trainer.estimated_stepping_batches)
+            self._prepbn_hook = attach_prepbn_schedule(self, self.trainer.optimizers[0], total)
+
+    def on_train_end(self) -> None:
+        hook = getattr(self, "_prepbn_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def steps_per_epoch(self) -> int:
         trainer = self.trainer

@@ -59,3 +59,95 @@ def save_reconstruction_figure(
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def save_block_profile_figure(
+    path: Path,
+    panels: dict[str, dict[str, list[float]]],
+    ylabel: str,
+    title: str,
+    log_scale: bool = True,
+) -> Path:
+    """One panel per key of ``panels`` (e.g. a training step); in each, one line per entry
+    (e.g. a norm/placement) over the block index."""
+    plt = _pyplot()
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items(), strict=False):
+        for label, values in curves.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
+        ax.set_title(panel)
+        ax.set_xlabel("block")
+        ax.set_ylabel(ylabel)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    return _save(fig, path)
+
+
+def save_mask_figure(
+    path: Path,
+    images: torch.Tensor,
+    truth: torch.Tensor,
+    predictions: dict[str, torch.Tensor],
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
+    ignore_index: int = 255,
+) -> Path:
+    """One row per image: the input, the ground-truth mask, then each model's predicted mask,
+    in one fixed colour per class (ignored pixels black)."""
+    import numpy as np
+
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20", max(num_classes, 2))
+    palette = (np.array([cmap(i)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
+
+    def colour(mask: torch.Tensor):
+        m = mask.cpu().numpy()
+        out = np.zeros((*m.shape, 3), np.uint8)
+        valid = (m != ignore_index) & (m < num_classes)
+        out[valid] = palette[m[valid]]
+        return out
+
+    columns = ["input", "ground truth", *predictions]
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.8 * len(columns), 1.8 * n),
+                             squeeze=False)
+    shown = denormalize(images.detach().float().cpu(), mean, std)
+    for row in range(n):
+        cells = [shown[row].permute(1, 2, 0).numpy()[..., :3], colour(truth[row])]
+        cells += [colour(pred[row]) for pred in predictions.values()]
+        for col, cell in enumerate(cells):
+            ax = axes[row][col]
+            ax.imshow(cell)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -9,10 +9,12 @@ from two sources, told apart by the ``source`` column:
   the number comes from, prefixed with ``paper:`` (e.g. ``paper:Table 3``). Keeping the
   table there, rather than in an extra column, keeps one fixed column order for both sources.
 
-A row is identified by ``ROW_KEY`` = (experiment, run_id, backbone, init, dataset, protocol,
-metric, source). ``backbone`` is part of the key because one paper table reports several
-backbones under the same ``paper:`` reference; for run rows it changes nothing (a run has one
-backbone). Updating upserts: an existing key gets the new values, a new key is appended, and
+A row is identified by ``ROW_KEY`` = (experiment, run_id, backbone, norm, placement, init,
+dataset, protocol, metric, source). ``backbone``, ``norm`` and ``placement`` are part of the key
+because one paper table reports several backbones or norms under the same ``paper:`` reference,
+and one ablation run reports one row set per (norm, placement). A result in ``metrics.json``
+may carry any run field (backbone, norm, placement, dataset, epochs, ...) to override the run's
+value for its row. Updating upserts: an existing key gets the new values, a new key is appended, and
 rows whose run folder has since been deleted are kept. Every read-modify-write holds an
 exclusive ``fcntl.flock`` on ``<leaderboard>.lock``, so concurrent runs lose no row, and the
 CSV itself is replaced atomically.
@@ -42,7 +44,8 @@ COLUMNS = [
     "protocol", "metric", "value", "seed", "epochs", "precision", "device", "wall_s", "run_id",
     "source", "timestamp",
 ]  # fmt: skip
-ROW_KEY = ("experiment", "run_id", "backbone", "init", "dataset", "protocol", "metric", "source")
+ROW_KEY = ("experiment", "run_id", "backbone", "norm", "placement", "init", "dataset", "protocol",
+           "metric", "source")
 SORT_ORDER = ("experiment", "source", "backbone", "init", "protocol", "metric", "run_id", "dataset")
 SOURCES = ("run", "paper")
 
@@ -61,6 +64,7 @@ def rows_from_metrics(metrics: dict) -> list[Row]:
     rows = []
     for result in metrics.get("results", []):
         row = dict(run_fields)
+        row.update({k: v for k, v in result.items() if k in _RUN_FIELDS})
         row.update(
             init=result["init"], protocol=result["protocol"], metric=result["metric"],
             value=result["value"], source="run",

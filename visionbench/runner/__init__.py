@@ -17,8 +17,9 @@ from visionbench.runner.core import (
     resume_checkpoint,
     trainer_kwargs,
 )
+from visionbench.runner.norm_ablation import run_norm_ablation
 
-PIPELINES = {"classification": run_classification}
+PIPELINES = {"classification": run_classification, "norm_ablation": run_norm_ablation}
 
 __all__ = [
     "ENCODER_FILE",
