@@ -103,6 +103,10 @@ class DivergenceMonitor(L.Callback):
     def __init__(self) -> None:
         self.diverged_at: int | None = None
         self.loss: float | None = None
+        self._step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step  # the step this batch's loss belongs to
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -110,7 +114,7 @@ class DivergenceMonitor(L.Callback):
             return
         value = float(loss.detach())
         if not torch.isfinite(torch.tensor(value)):
-            self.diverged_at, self.loss = trainer.global_step, value
+            self.diverged_at, self.loss = self._step, value
             trainer.should_stop = True
 
     def state_dict(self) -> dict:

@@ -50,8 +50,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
     has_metrics = (run_dir / "metrics.json").is_file()
-    if not has_metrics and not (run_dir / "evals").is_dir():
-        raise UserError(f"{run_dir}: not a run folder (neither metrics.json nor evals/)")
+    if not has_metrics and not (run_dir / "evals").is_dir() and not (
+            run_dir / "status.json").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no metrics.json, evals/ or status.json)")
     metrics = read_metrics(run_dir) if has_metrics else {}
     evals = _read_evals(run_dir)
 
