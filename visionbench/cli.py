@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -143,7 +144,7 @@ def run(
         raise UserError("--resume continues a run with its own config; drop the overrides")
     _quiet_libraries()
     run_dir = execute(name, cfg, out, resume=resume, leaderboard=leaderboard,
-                      log=lambda msg: console.print(f"[cyan]visionbench[/cyan] {msg}",
+                      log=lambda msg: console.print(f"[cyan]visionbench[/cyan] {escape(msg)}",
                                                     highlight=False))
     _print_summary(run_dir)
 

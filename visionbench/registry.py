@@ -20,6 +20,9 @@ class Reported:
     value: float
     dataset: str
     source: str  # table or figure of the paper
+    init: str | None = None  # the pretraining; None: the entry's method
+    norm: str | None = None  # None: the entry's norm
+    placement: str | None = None  # None: the entry's placement
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,17 @@ class Experiment:
     code: str
     reported: tuple[Reported, ...] = field(default_factory=tuple)
     pipeline: str = "classification"  # the stages that run it (visionbench.runner.PIPELINES)
+
+    def reference_rows(self) -> list[dict]:
+        """The reported numbers as ``results/reference.csv`` rows (leaderboard columns)."""
+        return [
+            {"experiment": self.name, "paper": self.paper, "method": self.method,
+             "backbone": r.backbone, "norm": r.norm or self.norm,
+             "placement": r.placement or self.placement, "init": r.init or self.method,
+             "dataset": r.dataset, "protocol": r.protocol, "metric": r.metric,
+             "value": r.value, "run_id": f"paper:{r.source}", "source": "paper"}
+            for r in self.reported
+        ]
 
     def row(self) -> dict:
         d = asdict(self)
@@ -116,3 +130,116 @@ register(
         pipeline="norm_ablation",
     )
 )
+
+
+register(
+    Experiment(
+        name="unip-infrared",
+        paper="UNIP: Rethinking Pre-trained Attention Patterns for Infrared Semantic "
+        "Segmentation",
+        arxiv="2502.02257",
+        method="unip",
+        backbone="vit_small_patch16_224",
+        norm="layernorm",
+        placement="pre",
+        pretrain_data="InfMix",
+        task="infrared semantic segmentation",
+        dataset="soda,mfnet,scut-seg",
+        protocols=("finetune", "linear_probe"),
+        metrics=("miou", "pixel_acc"),
+        config="configs/unip-infrared.yaml",
+        code="casiatao/UNIP",
+        pipeline="unip_infrared",
+        reported=tuple(
+            Reported(backbone, protocol, "miou", value, "average(soda,mfnet,scut-seg)",
+                     "official README figure (values read off the figure)", init=init)
+            for backbone, init, ft, lp in (
+                ("vit_small_patch16_224", "mae", 55.4, 31.1),
+                ("vit_small_patch16_224", "dino", 61.8, 45.0),
+                ("vit_small_patch16_224", "ibot", 62.1, 45.6),
+                ("vit_small_patch16_224", "unip(mae-l)", 64.4, 44.0),
+                ("vit_small_patch16_224", "unip(ibot-l)", 64.7, 48.4),
+                ("vit_base_patch16_224", "mae", 61.0, 34.6),
+                ("vit_base_patch16_224", "unip(ibot-l)", 65.1, 51.5),
+                ("vit_tiny_patch16_224", "mae", 46.7, 22.2),
+                ("vit_tiny_patch16_224", "unip(mae-l)", 60.3, 35.8),
+            )
+            for protocol, value in (("finetune", ft), ("linear_probe", lp))
+        ),
+    )
+)
+
+
+# -- the norm papers: each runs the norm ablation restricted to its entry and baseline ----------
+
+
+def norm_paper(name: str, paper: str, arxiv: str, norm: str, placement: str, backbone: str,
+               code: str, reported: tuple[Reported, ...] = ()) -> Experiment:
+    conv = backbone.startswith("resnet")
+    return register(Experiment(
+        name=name, paper=paper, arxiv=arxiv, method="supervised" if conv else "mae",
+        backbone=backbone, norm=norm, placement="" if conv else placement,
+        pretrain_data="imagenet-1k", task="image classification", dataset="imagenet-1k",
+        protocols=("supervised",) if conv else ("linear_probe",),
+        metrics=("top1", "diverged_at_step"), config=f"configs/{name}.yaml", code=code,
+        reported=reported, pipeline="norm_ablation",
+    ))
+
+
+def _supervised(backbone: str, value: float, source: str, norm: str, metric: str = "top1",
+                dataset: str = "imagenet-1k", protocol: str = "supervised") -> Reported:
+    return Reported(backbone, protocol, metric, value, dataset, source, init="supervised",
+                    norm=norm)
+
+
+norm_paper(
+    "dyt", "Transformers without Normalization", "2503.10622", "dyt", "pre",
+    "vit_base_patch16_224", "jiachenzhu/DyT",
+    tuple(_supervised(b, v, "official README, ImageNet-1K Results", n)
+          for b, n, v in (("vit_base_patch16_224", "layernorm", 82.3),
+                          ("vit_base_patch16_224", "dyt", 82.5),
+                          ("vit_large_patch16_224", "layernorm", 83.1),
+                          ("vit_large_patch16_224", "dyt", 83.6))),
+)
+norm_paper("peri-ln", "Peri-LN: Revisiting Normalization Layer in the Transformer Architecture",
+           "2502.02732", "layernorm", "peri", "vit_base_patch16_224", "")
+norm_paper("mix-ln", "Mix-LN: Unleashing the Power of Deeper Layers by Combining Pre-LN and "
+           "Post-LN", "2412.13795", "layernorm", "mix", "vit_base_patch16_224", "pixeli99/MixLN")
+norm_paper(
+    "layernorm-scaling", "The Curse of Depth in Large Language Models", "2502.05795",
+    "layernorm", "lns", "vit_base_patch16_224", "lmsdss/LayerNorm-Scaling",
+    tuple(Reported(b, "pretrain", "perplexity", v, "c4",
+                   "official README, Table 1 (LLaMA pre-training)", init="causal-lm",
+                   placement=p)
+          for b, p, v in (("llama-130m", "pre", 26.73), ("llama-130m", "lns", 25.76),
+                          ("llama-1b", "pre", 17.02), ("llama-1b", "lns", 15.71))),
+)
+norm_paper(
+    "powernorm", "PowerNorm: Rethinking Batch Normalization in Transformers", "2003.07845",
+    "powernorm", "pre", "vit_base_patch16_224", "sIncerass/powernorm",
+    (Reported("transformer-iwslt14-small", "translation", "bleu", 35.87, "iwslt14-de-en",
+              "official README, released PN checkpoint", init="supervised"),),
+)
+norm_paper(
+    "unified-norm", "Unified Normalization for Accelerating and Stabilizing Transformers",
+    "2208.01313", "unified", "pre", "vit_base_patch16_224",
+    "hikvision-research/Unified-Normalization",
+    tuple(_supervised("t2t_vit_14", v, "official README, image classification results", n)
+          for n, v in (("layernorm", 81.5), ("batchnorm", 79.8), ("unified", 80.9))),
+)
+norm_paper(
+    "slab", "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive "
+    "Re-parameterized Batch Normalization", "2405.11582", "prepbn", "pre",
+    "vit_base_patch16_224", "xinghaochen/SLAB",
+    tuple(_supervised(b, v, s, "prepbn") for b, v, s in (
+        ("slab_swin_s", 83.6, "abstract and official README (16.2 ms latency)"),
+        ("deit_tiny_patch16_224", 73.6, "official README, checkpoints (deit_t_prepbn)"),
+        ("deit_small_patch16_224", 80.2, "official README, checkpoints (deit_s_prepbn)"))),
+)
+norm_paper("evonorm", "Evolving Normalization-Activation Layers", "2004.02967", "evonorm_b0",
+           "", "resnet50", "tensorflow/tpu models/official/resnet")
+norm_paper("bcn-ws", "Micro-Batch Training with Batch-Channel Normalization and Weight "
+           "Standardization", "1903.10520", "bcn_ws", "", "resnet50",
+           "joe-siyuan-qiao/Batch-Channel-Normalization")
+norm_paper("selu", "Self-Normalizing Neural Networks", "1706.02515", "selu", "", "resnet50",
+           "bioinf-jku/SNNs")
