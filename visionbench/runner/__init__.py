@@ -18,8 +18,13 @@ from visionbench.runner.core import (
     trainer_kwargs,
 )
 from visionbench.runner.norm_ablation import run_norm_ablation
+from visionbench.runner.unip_infrared import run_unip_infrared
 
-PIPELINES = {"classification": run_classification, "norm_ablation": run_norm_ablation}
+PIPELINES = {
+    "classification": run_classification,
+    "norm_ablation": run_norm_ablation,
+    "unip_infrared": run_unip_infrared,
+}
 
 __all__ = [
     "ENCODER_FILE",

@@ -1,0 +1,85 @@
+"""The unip-infrared experiment end to end through the CLI at toy size, and its pieces: the
+pretraining mix, the layer choice, results and the segmentation table."""
+
+import json
+
+import pytest
+
+from tests.test_runner import only_run, visionbench
+from visionbench.config import resolve_config
+from visionbench.errors import ConfigError
+from visionbench.results.leaderboard import read_leaderboard
+
+TOY = [
+    "--set", "data.image_size=32",
+    "--set", "data.batch_size=8",
+    "--set", "model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
+             "num_heads: 2}",
+    "--set", "unip.teacher.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 64, "
+             "depth: 3, num_heads: 4}",
+    "--set", "unip.teacher.layer=1",
+    "--set", "unip.synth={n_train: 16, n_test: 8, n_pretrain: 16, shapes_per_class: 1}",
+    "--set", "pretrain.epochs=1",
+    "--set", "pretrain.decoder_embed_dim=16",
+    "--set", "pretrain.decoder_num_heads=2",
+    "--set", "unip.teacher.epochs=1",
+    "--set", "unip.distill.epochs=1",
+    "--set", "unip.nmi.images=4",
+    "--set", "unip.segmentation.crop_size=32",
+    "--set", "unip.segmentation.figure_images=2",
+    "--set", "unip.segmentation.finetune={epochs: 1, batch_size: 8, head: fpn, "
+             "inference: whole}",
+    "--set", "unip.segmentation.linear={epochs: 1, batch_size: 8, inference: whole, "
+             "layer_decay: null}",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_unip_infrared_runs_every_stage_and_records_three_students(tmp_path):
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench("run", "unip-infrared", *TOY, "--out", str(out), "--leaderboard",
+                         str(board), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(out)
+    for path in ("teacher/encoder.safetensors", "students/mae/encoder.safetensors",
+                 "students/unip/encoder.safetensors", "nmi/nmi.json", "nmi/teacher_layer.json",
+                 "figures/nmi_per_layer.png", "figures/masks_thermal.png",
+                 "tables/nmi.md", "tables/segmentation.md", "report.md", "metrics.json"):
+        assert (run / path).is_file(), path
+    nmi = json.loads((run / "nmi" / "nmi.json").read_text())
+    assert set(nmi) == {"teacher", "mae", "unip", "random"}
+    assert len(nmi["teacher"]) == 3 and len(nmi["unip"]) == 2
+    assert all(0.0 <= v <= 1.0 for values in nmi.values() for v in values)
+    assert json.loads((run / "nmi" / "teacher_layer.json").read_text())["layer"] == 1
+
+    rows = read_leaderboard(board)
+    miou = rows[rows.metric == "miou"]
+    assert set(zip(miou.init, miou.protocol, strict=True)) == {
+        (s, p) for s in ("unip", "mae", "random") for p in ("finetune", "linear_probe")}
+    assert set(miou.dataset) == {"thermal"}
+    assert miou.value.between(0, 100).all()
+    assert "## Infrared segmentation" in (run / "report.md").read_text()
+
+
+def test_paper_profile_reads_the_segmentation_sets_from_data_root(tmp_path):
+    with pytest.raises(ConfigError, match="--data-root"):
+        resolve_config("unip-infrared", "paper")
+    cfg = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)})
+    assert cfg.unip.segmentation.datasets == ["soda", "mfnet", "scut-seg"]
+    assert cfg.unip.teacher.layer == 17  # MAE-L block 18 (1-based), as the paper
+    assert cfg.unip.distill.epochs == 100 and cfg.unip.distill.blr == 1.5e-4
+
+
+def test_nmi_thresholds_must_be_ordered():
+    with pytest.raises(ConfigError, match="global_threshold must be below local_threshold"):
+        resolve_config("unip-infrared", sets=["unip.nmi.global_threshold=0.5"])
+
+
+def test_demo_profile_uses_the_embedded_thermal_set():
+    cfg = resolve_config("unip-infrared")
+    assert cfg.unip.segmentation.datasets == ["thermal"]
+    assert cfg.unip.students == ["unip", "mae", "random"]
+    teacher = cfg.unip.teacher.backbone_kwargs
+    student = cfg.model.backbone_kwargs
+    assert teacher["embed_dim"] > student["embed_dim"]  # the teacher is the larger model
+    assert teacher["depth"] > student["depth"]
