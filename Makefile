@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(BIN)/visionbench run mae
+	$(BIN)/visionbench run unip-infrared
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -18,6 +18,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/mae_step.py
 	$(BIN)/python benchmarks/probe_sweep.py
+	$(BIN)/python benchmarks/norm_inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
