@@ -326,6 +326,15 @@ class SegmentationConfig(Strict):
     figure_images: int = Field(4, gt=0)
 
 
+class ThermalSynthConfig(Strict):
+    """Sizes of the embedded thermal set and of the demo InfMix's grey ``shapes`` share."""
+
+    n_train: int = Field(400, gt=0)
+    n_test: int = Field(160, gt=0)
+    n_pretrain: int = Field(800, gt=0)
+    shapes_per_class: int = Field(50, ge=0)  # grey shapes images in the demo InfMix
+
+
 class UNIPConfig(Strict):
     students: list[Literal["unip", "mae", "random"]] = ["unip", "mae", "random"]
     # pretraining images under --data-root: folders of images (RGB ones turned grey) or
@@ -335,6 +344,7 @@ class UNIPConfig(Strict):
     distill: DistillConfig = DistillConfig()
     nmi: NMIConfig = NMIConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
+    synth: ThermalSynthConfig = ThermalSynthConfig()
 
 
 class ExperimentConfig(Strict):

@@ -5,8 +5,8 @@ import pytest
 
 from visionbench.data.datamodule import load_splits
 from visionbench.data.imagefolder import ImageFolderDataset
+from visionbench.data.synth.cache import MARKER
 from visionbench.data.synth.shapes import (
-    MARKER,
     SHAPES_CLASSES,
     default_cache_dir,
     generate_shapes,

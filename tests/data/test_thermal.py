@@ -13,10 +13,10 @@ from visionbench.data.infrared import (
     SODADataset,
     detect_segmentation_format,
 )
+from visionbench.data.synth.cache import MARKER
 from visionbench.data.synth.shapes import default_cache_dir
 from visionbench.data.synth.thermal import (
     GENERATOR_VERSION,
-    MARKER,
     MAX_COUNTS,
     THERMAL_CLASSES,
     automatic_gain_control,

@@ -193,23 +193,11 @@ def eval_stage(run: Run, init: str, dm) -> None:
                 e.last_k,
                 device,
             )
-        (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
-            feats["train"], feats["val"], feats["test"])
+        (train_x, train_y), _, (test_x, test_y) = feats["train"], feats["val"], feats["test"]
         if not (out / "linear_probe.json").is_file():
             heads = len(e.linear_probe.lrs) * len(e.linear_probe.weight_decays)
             run.log(f"[{name}] linear probe: {heads} heads trained in one pass")
-            probe = linear_probe_sweep(
-                train_x, train_y, val_x, val_y, test_x, test_y,
-                num_classes=dm.num_classes,
-                lrs=e.linear_probe.lrs,
-                weight_decays=e.linear_probe.weight_decays,
-                epochs=e.linear_probe.epochs,
-                batch_size=e.linear_probe.batch_size,
-                warmup_epochs=e.linear_probe.warmup_epochs,
-                seed=run.cfg.seed,
-                classes=dm.classes,
-            )
-            atomic_write_json(out / "linear_probe.json", probe)
+            probe_sweep(run, feats, dm, out)
         if not (out / "knn.json").is_file():
             run.log(f"[{name}] kNN")
             knn = knn_protocol(train_x, train_y, test_x, test_y, dm.num_classes,
@@ -233,6 +221,25 @@ def eval_stage(run: Run, init: str, dm) -> None:
             out / "finetune_logs",
         )
         atomic_write_json(out / "finetune.json", result)
+
+
+def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:
+    """The linear-probe grid of ``run.cfg.eval`` on cached ``feats[split] = (x, y)``; its
+    result is written to ``out/linear_probe.json``."""
+    p = run.cfg.eval.linear_probe
+    probe = linear_probe_sweep(
+        *feats["train"], *feats["val"], *feats["test"],
+        num_classes=dm.num_classes,
+        lrs=p.lrs,
+        weight_decays=p.weight_decays,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        warmup_epochs=p.warmup_epochs,
+        seed=run.cfg.seed,
+        classes=dm.classes,
+    )
+    atomic_write_json(out / "linear_probe.json", probe)
+    return probe
 
 
 def collect_results(run: Run) -> list[dict]:

@@ -27,14 +27,13 @@ from visionbench.backbones import create_backbone
 from visionbench.config import MAEConfig, describe_error
 from visionbench.errors import ConfigError
 from visionbench.evals.features import cached_features
-from visionbench.evals.linear_probe import linear_probe_sweep
 from visionbench.evals.supervised import run_supervised
 from visionbench.methods.mae import MAE
 from visionbench.norms.conversions import convert_to_crmsnorm
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
-from visionbench.runner.classification import datamodule, fit_stage, save_encoder
+from visionbench.runner.classification import datamodule, fit_stage, probe_sweep, save_encoder
 from visionbench.runner.core import ENCODER_FILE, Run, build_encoder
 
 RESULT_FILE = "result.json"
@@ -89,24 +88,12 @@ def vit_entry(run: Run, entry, dm) -> dict:
 def probe_entry(run: Run, encoder: torch.nn.Module, dm, out: Path) -> dict:
     e = run.cfg.eval
     encoder = encoder.cpu().eval()
-    feats = [
-        cached_features(out / "features" / f"{split}.pt", encoder, dm.eval_dataloader(split),
-                        e.pooling, e.last_k, "cpu")
+    feats = {
+        split: cached_features(out / "features" / f"{split}.pt", encoder,
+                               dm.eval_dataloader(split), e.pooling, e.last_k, "cpu")
         for split in ("train", "val", "test")
-    ]
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = feats
-    probe = linear_probe_sweep(
-        train_x, train_y, val_x, val_y, test_x, test_y,
-        num_classes=dm.num_classes,
-        lrs=e.linear_probe.lrs,
-        weight_decays=e.linear_probe.weight_decays,
-        epochs=e.linear_probe.epochs,
-        batch_size=e.linear_probe.batch_size,
-        warmup_epochs=e.linear_probe.warmup_epochs,
-        seed=run.cfg.seed,
-        classes=dm.classes,
-    )
-    atomic_write_json(out / "linear_probe.json", probe)
+    }
+    probe = probe_sweep(run, feats, dm, out)
     return {k: probe[k] for k in ("test_top1", "test_top5", "best")}
 
 
@@ -157,8 +144,9 @@ def conv_entry(run: Run, norm: str) -> dict:
 def result_rows(record: dict, **fields) -> list[dict]:
     base = {"norm": record["norm"], **fields}
     if record["status"] == "diverged":
-        return [{**base, "protocol": "pretrain" if "placement" in fields else "supervised",
-                 "metric": "diverged_at_step", "value": record["diverged_at_step"]}]
+        stage = "supervised" if "backbone" in record else "pretrain"  # conv records name it
+        return [{**base, "protocol": stage, "metric": "diverged_at_step",
+                 "value": record["diverged_at_step"]}]
     if "linear_probe" in record:
         return [{**base, "protocol": "linear_probe", "metric": m,
                  "value": record["linear_probe"][f"test_{m}"]} for m in ("top1", "top5")]

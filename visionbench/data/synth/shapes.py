@@ -10,11 +10,7 @@ the order of generation.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from visionbench.errors import DataError
+from visionbench.data.synth.cache import default_cache_dir, write_once
 
 GENERATOR_VERSION = 2
 SUPERSAMPLE = 4
@@ -35,7 +31,6 @@ CLUTTER_ITEMS = (0, 3)  # [low, high) number of clutter strokes and dots
 MAX_ROTATION = math.radians(30)  # uniform in [-30, 30] degrees, no mirroring
 SCALE_RANGE = (0.5, 0.85)  # object diameter as a fraction of the image
 OCCLUSION_P = 0.35
-MARKER = "COMPLETE"
 SPLITS = ("train", "val", "test")
 
 Polygon = np.ndarray  # (K, 2) vertices in object units: the object spans about [-1, 1]^2
@@ -212,12 +207,6 @@ def render_shape(class_name: str, image_size: int, rng: np.random.Generator) -> 
 # ----------------------------------------------------------------------------- on disk
 
 
-def default_cache_dir() -> Path:
-    """``$VISIONBENCH_CACHE`` if set, else ``~/.cache/visionbench``."""
-    env = os.environ.get("VISIONBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "visionbench"
-
-
 def shapes_root(
     image_size: int = 32,
     seed: int = 0,
@@ -246,34 +235,6 @@ def _params(image_size: int, train: int, val: int, test: int, seed: int) -> dict
     }
 
 
-def _existing_params(root: Path) -> dict | None:
-    """The params of a finished generation at ``root``; None if ``root`` does not exist."""
-    if not root.exists():
-        return None
-    marker = root / MARKER
-    if not marker.is_file():
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-            return None
-        raise DataError(
-            f"{root}: exists but is not a finished shapes data set (no {MARKER} marker); "
-            "delete it or pick another folder"
-        )
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{marker}: unreadable marker ({err}); delete {root}") from None
-
-
-def _check_same(root: Path, found: dict, wanted: dict) -> Path:
-    if found != wanted:
-        raise DataError(
-            f"{root}: holds shapes generated with other parameters ({found}, wanted {wanted}); "
-            "delete the folder or pick another"
-        )
-    return root
-
-
 def _write_split(folder: Path, split_id: int, count: int, image_size: int, seed: int) -> None:
     total = count * len(SHAPES_CLASSES)
     with tqdm(total=total, desc=f"shapes {folder.name}", leave=False) as bar:
@@ -299,31 +260,14 @@ def generate_shapes(
     Generation happens in a temporary sibling folder renamed to ``root`` once complete, so
     ``root`` is either absent or whole. A finished ``root`` with other parameters is an error.
     """
-    root = Path(root)
     wanted = _params(image_size, train_per_class, val_per_class, test_per_class, seed)
-    found = _existing_params(root)
-    if found is not None:
-        return _check_same(root, found, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not
-    try:
+
+    def write(tmp: Path) -> None:
         counts = (train_per_class, val_per_class, test_per_class)
         for split_id, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
             _write_split(tmp / split, split_id, count, image_size, seed)
-        (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
-        try:
-            tmp.rename(root)
-        except OSError:
-            # Another process finished first: its copy must match ours.
-            found = _existing_params(root)
-            if found is None:
-                raise
-            return _check_same(root, found, wanted)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return write_once(root, wanted, "shapes", write)
 
 
 def prepare_shapes(

@@ -25,9 +25,6 @@ palette PNG like labelme2voc's. An unlabelled pretraining split of the same gene
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +32,10 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from visionbench.data.infrared import SODA_CLASSES
-from visionbench.data.synth.shapes import default_cache_dir
+from visionbench.data.synth.cache import default_cache_dir, write_once
 from visionbench.errors import DataError
 
 GENERATOR_VERSION = 1
-MARKER = "COMPLETE"
 SUPERSAMPLE = 2
 MAX_COUNTS = 2**14 - 1  # 14-bit detector
 
@@ -560,33 +556,6 @@ def _params(image_size: int, n_train: int, n_test: int, n_pretrain: int, seed: i
     }
 
 
-def _existing_params(root: Path) -> dict | None:
-    if not root.exists():
-        return None
-    marker = root / MARKER
-    if not marker.is_file():
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-            return None
-        raise DataError(
-            f"{root}: exists but is not a finished thermal data set (no {MARKER} marker); "
-            "delete it or pick another folder"
-        )
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{marker}: unreadable marker ({err}); delete {root}") from None
-
-
-def _check_same(root: Path, found: dict, wanted: dict) -> Path:
-    if found != wanted:
-        raise DataError(
-            f"{root}: holds thermal data generated with other parameters ({found}, wanted "
-            f"{wanted}); delete the folder or pick another"
-        )
-    return root
-
-
 def _write(tmp: Path, image_size: int, counts: dict[str, int], seed: int) -> None:
     images, masks = tmp / "JPEGImages", tmp / "SegmentationClassPNG"
     pretrain = tmp / "pretrain" / "thermal"
@@ -630,29 +599,10 @@ def generate_thermal(
     """
     if image_size < 16:
         raise DataError(f"thermal image_size {image_size} too small (expected >= 16)")
-    root = Path(root)
     wanted = _params(image_size, n_train, n_test, n_pretrain, seed)
-    found = _existing_params(root)
-    if found is not None:
-        return _check_same(root, found, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    tmp.chmod(0o755)
-    try:
-        counts = {"train": n_train, "test": n_test, "pretrain": n_pretrain}
-        _write(tmp, image_size, counts, seed)
-        (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
-        try:
-            tmp.rename(root)
-        except OSError:
-            found = _existing_params(root)
-            if found is None:
-                raise
-            return _check_same(root, found, wanted)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    counts = {"train": n_train, "test": n_test, "pretrain": n_pretrain}
+    return write_once(root, wanted, "thermal",
+                      lambda tmp: _write(tmp, image_size, counts, seed))
 
 
 def prepare_thermal(
