@@ -93,8 +93,11 @@ def save_block_profile_figure(
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
     for ax, (panel, curves) in zip(axes[0], panels.items(), strict=False):
-        for label, values in curves.items():
-            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
+        colours = plt.get_cmap("tab20").colors
+        for i, (label, values) in enumerate(curves.items()):
+            ax.plot(range(1, len(values) + 1), values, marker="os^"[i // 10 % 3], ms=3,
+                    color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                    linestyle="-" if i < 10 else "--", label=label)
         ax.set_title(panel)
         ax.set_xlabel("block")
         ax.set_ylabel(ylabel)
