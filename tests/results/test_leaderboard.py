@@ -53,7 +53,7 @@ def test_rows_from_metrics_one_row_per_result(tmp_path):
 
 def test_reference_csv_is_valid_and_holds_mae_numbers():
     rows = read_reference(REFERENCE)
-    values = {(r["backbone"], r["protocol"]): r["value"] for r in rows}
+    values = {(r["backbone"], r["protocol"]): r["value"] for r in rows if r["experiment"] == "mae"}
     assert values[("vit_base_patch16_224", "finetune")] == 83.6
     assert values[("vit_large_patch16_224", "linear_probe")] == 75.8
     assert values[("vit_huge_patch14_224", "finetune")] == 86.9
@@ -78,9 +78,12 @@ def test_update_leaderboard_runs_and_reference(tmp_path):
         assert handle.readline().strip() == ",".join(COLUMNS)
     on_disk = csv_rows(board)
     assert [r["run_id"] for r in on_disk] == list(frame["run_id"])
-    # deterministic order: paper rows first within the experiment, then by backbone
-    assert [r["source"] for r in on_disk] == ["paper"] * n_ref + ["run"] * 4
-    assert on_disk[n_ref]["backbone"] == "resnet18"
+    # deterministic order: by experiment, paper rows first within one, then by backbone
+    assert [r["experiment"] for r in on_disk] == sorted(r["experiment"] for r in on_disk)
+    mae = [r for r in on_disk if r["experiment"] == "mae"]
+    n_mae_ref = sum(r["experiment"] == "mae" for r in read_reference(REFERENCE))
+    assert [r["source"] for r in mae] == ["paper"] * n_mae_ref + ["run"] * 4
+    assert mae[n_mae_ref]["backbone"] == "resnet18"
 
     # a run's new value replaces its row instead of adding one
     write_run(runs, run_a.name, value=90.5)
@@ -94,7 +97,8 @@ def test_update_leaderboard_runs_and_reference(tmp_path):
     frame = update_leaderboard(runs, board)
     assert len(frame) == 4 + n_ref
     assert (frame["run_id"] == run_a.name).sum() == 2
-    assert frame["seed"].tolist()[-1] == 0 and frame["wall_s"].dtype.kind == "f"
+    assert frame.loc[frame["source"] == "run", "seed"].tolist()[-1] == 0
+    assert frame["wall_s"].dtype.kind == "f"
     assert read_leaderboard(board).equals(frame)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
