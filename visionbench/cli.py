@@ -167,11 +167,18 @@ def _print_summary(run_dir: Path) -> None:
     from visionbench.results.records import read_metrics
 
     metrics = read_metrics(run_dir)
-    table = Table(title=f"{metrics['experiment']} ({metrics['backbone']}, {metrics['dataset']})")
-    for column in ("init", "protocol", "metric", "value"):
+    results = metrics["results"]
+    # an ablation's rows differ in backbone / norm / placement / dataset: show those columns
+    own = [c for c in ("backbone", "norm", "placement", "dataset") if any(c in r for r in results)]
+    shared = [metrics[c] for c in ("backbone", "dataset") if c not in own]
+    table = Table(title=Text(f"{metrics['experiment']} ({', '.join(shared)})" if shared
+                             else metrics["experiment"]))
+    for column in (*own, "init", "protocol", "metric", "value"):
         table.add_column(column)
-    for row in metrics["results"]:
-        table.add_row(row["init"], row["protocol"], row["metric"], f"{row['value']:.2f}")
+    for row in results:
+        cells = [row.get(c, metrics.get(c, "")) for c in own]
+        cells += [row["init"], row["protocol"], row["metric"], f"{row['value']:.2f}"]
+        table.add_row(*(Text(str(c)) for c in cells))  # names like vit[depth=4] are not markup
     console.print(table)
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
     console.print(f"wall time: {metrics['wall_s']:.0f} s")
