@@ -120,3 +120,28 @@ def test_divergence_monitor_stops_at_the_first_non_finite_loss():
     trainer = _fit(_Blocks(loss_scale=-1.0), [monitor], steps=10)
     assert monitor.diverged_at == 2
     assert trainer.global_step == 3  # the step of the inf loss ran, then training stopped
+
+
+@pytest.mark.slow
+def test_resumed_ablation_skips_the_entries_already_recorded(tmp_path):
+    out = tmp_path / "runs"
+    small = [*TOY, "--set", "ablation.entries=[{norm: layernorm}, {norm: rmsnorm}]",
+             "--set", "ablation.conv=null", "--set", "eval.inits=[pretrained]"]
+    assert visionbench("run", "norm-ablation", *small, "--out", str(out), cwd=tmp_path,
+                       timeout=600).returncode == 0
+    run = only_run(out)
+    first = json.loads((run / "entries" / "layernorm-pre" / "result.json").read_text())
+    # as if killed after the first entry: the second entry's record and metrics.json are gone
+    (run / "entries" / "rmsnorm-pre" / "result.json").unlink()
+    (run / "metrics.json").unlink()
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "status": "running"}))
+
+    result = visionbench("run", "norm-ablation", "--resume", str(run), cwd=tmp_path,
+                         timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[layernorm/pre] done before: skipped" in result.stdout
+    assert json.loads((run / "entries" / "layernorm-pre" / "result.json").read_text()) == first
+    assert (run / "entries" / "rmsnorm-pre" / "result.json").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {r["norm"] for r in metrics["results"]} == {"layernorm", "rmsnorm"}
