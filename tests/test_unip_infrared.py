@@ -83,3 +83,15 @@ def test_demo_profile_uses_the_embedded_thermal_set():
     student = cfg.model.backbone_kwargs
     assert teacher["embed_dim"] > student["embed_dim"]  # the teacher is the larger model
     assert teacher["depth"] > student["depth"]
+
+
+def test_missing_segmentation_set_is_one_line_before_any_run_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "InfMix").mkdir(parents=True)
+    out = tmp_path / "runs"
+    result = visionbench("run", "unip-infrared", "--profile", "paper", "--data-root", str(data),
+                         "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no folder 'SODA'" in lines[0], result.stderr
+    assert not out.exists()

@@ -18,17 +18,19 @@ from visionbench.runner.core import (
     trainer_kwargs,
 )
 from visionbench.runner.norm_ablation import run_norm_ablation
-from visionbench.runner.unip_infrared import run_unip_infrared
+from visionbench.runner.unip_infrared import check_unip_data, run_unip_infrared
 
 PIPELINES = {
     "classification": run_classification,
     "norm_ablation": run_norm_ablation,
     "unip_infrared": run_unip_infrared,
 }
+PREFLIGHTS = {"unip_infrared": check_unip_data}
 
 __all__ = [
     "ENCODER_FILE",
     "PIPELINES",
+    "PREFLIGHTS",
     "RUN_DIR_ENV",
     "Run",
     "backbone_label",

@@ -250,16 +250,19 @@ def execute(
     """Run every stage of experiment ``name``; returns the run folder.
 
     The registry entry's ``pipeline`` names the stages (``visionbench.runner.PIPELINES``):
-    a pipeline takes the run and returns ``(results, epochs)`` for ``metrics.json``.
+    a pipeline takes the run and returns ``(results, epochs)`` for ``metrics.json``; its
+    optional preflight (``PREFLIGHTS``) checks the data before anything is written.
     """
     import time
 
     from visionbench.results.report import write_report
-    from visionbench.runner import PIPELINES
+    from visionbench.runner import PIPELINES, PREFLIGHTS
 
     entry = get_experiment(name)
     if cfg is not None:
         check_trainer_settings(cfg)
+        if entry.pipeline in PREFLIGHTS:  # bad data is reported before a run folder exists
+            PREFLIGHTS[entry.pipeline](cfg)
     run = open_run(resume, name, log) if resume else create_run(entry, cfg, out, log)
     log(f"run folder: {run.dir}")
     started = time.time()

@@ -74,6 +74,24 @@ def find_folder(root: Path, name: str) -> Path:
     raise DataError(f"{root}: no folder {name!r} (see datasets/*.md for the layout)")
 
 
+def check_unip_data(cfg) -> None:
+    """With ``--data-root``: every segmentation set and pretraining folder is there, in a
+    known layout (``DataError`` naming the folder otherwise)."""
+    if cfg.data.root is None or cfg.unip is None:
+        return
+    root = Path(cfg.data.root)
+    for dataset in cfg.unip.segmentation.datasets:
+        if dataset == "thermal":
+            continue
+        folder = find_folder(root, DATASET_FOLDERS[dataset])
+        found = detect_segmentation_format(folder)
+        if found != dataset:
+            raise DataError(f"{folder}: has the {found} layout, expected {dataset}'s "
+                            f"(datasets/{dataset}.md)")
+    for name in cfg.unip.pretrain_data:
+        find_folder(root, name)
+
+
 def segmentation_root(run: Run, dataset: str) -> Path:
     if dataset == "thermal":
         return thermal_demo_root(run)
