@@ -6,7 +6,6 @@ summed over keys, averaged over batch, heads and queries) with explicit exp / lo
 """
 
 import math
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,6 +14,7 @@ from timm.layers import DropPath
 
 from visionbench.analysis import attention_logits, layer_nmi
 from visionbench.backbones import create_vit
+from visionbench.config import resolve_config
 from visionbench.errors import ConfigError
 from visionbench.methods.unip import (
     UNIP,
@@ -151,10 +151,10 @@ def test_from_config_and_the_layer_chosen_by_nmi():
                                       global_threshold=low - 1e-9)
     assert torch.equal(got, nmi)
     assert layer == max(i for i, v in enumerate(nmi.tolist()) if v <= high)
-    pretrain = SimpleNamespace(teacher_layer=None, drop_path=0.1, blr=1.5e-4, weight_decay=0.05,
-                               warmup_epochs=5, epochs=100, min_lr=0.0)
-    cfg = SimpleNamespace(pretrain=pretrain, data=SimpleNamespace(batch_size=64))
-    with pytest.raises(ConfigError, match="teacher_layer"):
+    cfg = resolve_config("unip-infrared", "paper", sets=["unip.teacher.layer=null",
+                                                         "data.batch_size=64"],
+                         require_data=False)
+    with pytest.raises(ConfigError, match="unip.teacher.layer"):
         UNIP.from_config(teacher, student, cfg)
     model = UNIP.from_config(teacher, student, cfg, teacher_layer=layer)
     assert model.teacher_layer == layer and model.betas == (0.9, 0.95)

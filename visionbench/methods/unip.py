@@ -185,26 +185,27 @@ class UNIP(PretrainModule):
         cfg,
         teacher_layer: int | None = None,
     ) -> UNIP:
-        """The module ``cfg`` describes; ``teacher_layer`` (e.g. from ``choose_teacher_layer``)
-        overrides ``cfg.pretrain.teacher_layer``."""
-        p = cfg.pretrain
-        layer = p.teacher_layer if teacher_layer is None else teacher_layer
+        """The module an ``ExperimentConfig`` describes (``cfg.unip.distill``, the batch of
+        ``cfg.data``); ``teacher_layer`` (e.g. from ``choose_teacher_layer``) overrides
+        ``cfg.unip.teacher.layer``."""
+        d = cfg.unip.distill
+        layer = cfg.unip.teacher.layer if teacher_layer is None else teacher_layer
         if layer is None:
             raise ConfigError(
-                "pretrain.teacher_layer: not set; give a 0-based block index or let the NMI "
+                "unip.teacher.layer: not set; give a 0-based block index or let the NMI "
                 "analysis choose it"
             )
         return cls(
             _check_vit(teacher, "teacher"),
             _check_vit(student, "student"),
             teacher_layer=int(layer),
-            drop_path=p.drop_path,
+            drop_path=d.drop_path,
             batch_size=cfg.data.batch_size,
-            blr=p.blr,
-            weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs,
-            epochs=p.epochs,
-            min_lr=p.min_lr,
+            blr=d.blr,
+            weight_decay=d.weight_decay,
+            warmup_epochs=d.warmup_epochs,
+            epochs=d.epochs,
+            min_lr=d.min_lr,
         )
 
     def train(self, mode: bool = True) -> UNIP:

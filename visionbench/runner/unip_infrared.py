@@ -202,10 +202,7 @@ def unip_stage(run: Run, teacher, layer: int, dm):
     if not (out / ENCODER_FILE).is_file():
         d = run.cfg.unip.distill
         run.log(f"[unip] NMI-HAD distillation, {d.epochs} epochs")
-        module = UNIP(teacher, student, teacher_layer=layer, drop_path=d.drop_path,
-                      batch_size=run.cfg.data.batch_size, blr=d.blr,
-                      weight_decay=d.weight_decay, warmup_epochs=d.warmup_epochs,
-                      epochs=d.epochs, min_lr=d.min_lr)
+        module = UNIP.from_config(teacher, student, run.cfg, teacher_layer=layer)
         fit_stage(run, module, dm, out, epochs=d.epochs,
                   checkpoint_every_n_steps=d.checkpoint_every_n_steps,
                   val_every_n_epochs=max(1, d.epochs), distributed=False,
