@@ -90,3 +90,13 @@ def test_registry_numbers_match_reference_csv():
         assert len(match) == 1, want
         assert float(match[0]["value"]) == want["value"]
         assert match[0]["run_id"] == want["run_id"]
+
+
+def test_norm_must_fit_the_backbone_family():
+    with pytest.raises(ConfigError, match="norm 'evonorm_b0' does not fit .* token norms"):
+        resolve_config("mae", flags={"model.norm": "evonorm_b0"})
+    with pytest.raises(ConfigError, match="norm 'dyt' does not fit resnet18, which takes conv"):
+        resolve_config("mae", flags={"model.backbone": "resnet18", "model.norm": "dyt"})
+    cfg = resolve_config("mae", flags={"model.backbone": "resnet18", "model.norm": "bcn_ws",
+                                       "model.backbone_kwargs": {}})
+    assert cfg.model.norm == "bcn_ws"

@@ -112,6 +112,16 @@ class ModelConfig(Strict):
             raise ValueError(f"unknown norm {value!r}; allowed: {', '.join(list_norms())}")
         return value
 
+    @model_validator(mode="after")
+    def _norm_fits_backbone(self) -> ModelConfig:
+        from visionbench.backbones import backbone_family
+        from visionbench.norms import list_norms
+
+        kind = "token" if backbone_family(self.backbone) == "vit" else "conv"
+        if self.norm not in list_norms(kind):
+            raise ValueError(f"norm {self.norm!r} does not fit {self.backbone}, which takes "
+                             f"{kind} norms: {', '.join(list_norms(kind))}")
+        return self
 
 
 class MAEConfig(Strict):
