@@ -142,7 +142,8 @@ def test_a_corrupt_image_fails_the_run_with_one_line_and_marks_it_failed(tmp_pat
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
     out = tmp_path / "runs"
-    args = ["run", "mae", *TINY, "--set", "pretrain.epochs=12",
+    # 40 epochs x 3 steps: long enough that a step checkpoint is seen before the run ends
+    args = ["run", "mae", *TINY, "--set", "pretrain.epochs=40",
             "--set", "pretrain.checkpoint_every_n_steps=2", "--set", "eval.finetune.enabled=false",
             "--out", str(out), "--leaderboard", str(tmp_path / "lb.csv")]
     proc = visionbench(*args, cwd=tmp_path, wait=False)
@@ -171,7 +172,7 @@ def test_a_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["run_id"] == run.name
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["epoch"] == 11 or last["global_step"] >= 12 * 3 - 1
+    assert last["epoch"] == 39 or last["global_step"] >= 40 * 3 - 1
     board = read_leaderboard(tmp_path / "lb.csv")
     assert set(board["run_id"]) == {run.name}
 
