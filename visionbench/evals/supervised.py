@@ -3,13 +3,13 @@
 The protocol of the conv-norm papers' ResNet comparisons (GroupNorm arXiv 1803.08494 Sec. 6.1,
 BCN+WS arXiv 1903.10520, EvoNorm arXiv 2004.02967): SGD with momentum 0.9 and Nesterov off,
 lr = 0.1 x batch / 256, weight decay 1e-4 on every weight, linear warmup then cosine decay
-per step (as torchvision's ``references/classification/train.py`` recipe), cross-entropy. The
+per step (as torchvision's ``references/classification/train.py`` recipe; the project's
+``half_cycle_cosine``), cross-entropy. The
 test split is scored by the weights at the end of training.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -17,13 +17,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-
-def warmup_cosine(step: int, total: int, warmup: int, base_lr: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from visionbench.methods.schedule import half_cycle_cosine, set_lr
 
 
 class SupervisedClassifier(L.LightningModule):
@@ -50,10 +44,9 @@ class SupervisedClassifier(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         per_epoch = max(1, int(self.trainer.num_training_batches))
-        lr = warmup_cosine(self.global_step, per_epoch * self.epochs,
-                           int(self.warmup_epochs * per_epoch), self.lr)
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr
+        lr = half_cycle_cosine(self.global_step / per_epoch, self.lr, 0.0, self.warmup_epochs,
+                               self.epochs)
+        set_lr(self.trainer.optimizers[0], lr)
         self.log("lr", lr, on_step=True, on_epoch=False)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

@@ -7,10 +7,8 @@ their JSONs go to ``evals/<init>/``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from visionbench.backbones import load_backbone_weights
@@ -30,7 +28,8 @@ from visionbench.runner.core import (
     ENCODER_FILE,
     Run,
     build_encoder,
-    resume_checkpoint,
+    fit_stage,
+    save_encoder,
 )
 
 # -- stages -----------------------------------------------------------------------------------
@@ -67,62 +66,6 @@ def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None)
     )
     dm.setup()
     return dm
-
-
-def fit_stage(
-    run: Run,
-    module: L.LightningModule,
-    dm,
-    out_dir: Path,
-    *,
-    epochs: int,
-    checkpoint_every_n_steps: int,
-    val_every_n_epochs: int = 1,
-    callbacks: tuple = (),
-    distributed: bool = True,
-    label: str = "pretraining",
-) -> L.Trainer:
-    """``trainer.fit`` with step checkpoints in ``out_dir/checkpoints`` (resumed from the newest
-    whole one), CSV logs in ``out_dir/logs``; DDP workers leave after fitting."""
-    ckpt_dir = out_dir / "checkpoints"
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="step{step}",
-        every_n_train_steps=checkpoint_every_n_steps,
-        save_last=True,
-        save_top_k=1,
-        auto_insert_metric_name=False,
-    )
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        default_root_dir=out_dir,
-        logger=L.pytorch.loggers.CSVLogger(out_dir / "logs", name="pretrain", version=""),
-        callbacks=[checkpoint, *callbacks],
-        log_every_n_steps=5,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=val_every_n_epochs,
-        **run.trainer_kwargs(distributed=distributed),
-    )
-    resume = resume_checkpoint(ckpt_dir)
-    if resume:
-        run.log(f"resuming {label} from {resume}")
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    if not trainer.is_global_zero:
-        raise SystemExit(0)  # DDP workers stop here; rank 0 evaluates on one device
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # nothing after this syncs across ranks
-    return trainer
-
-
-def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
-    """The pretrained backbone as safetensors, written atomically."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
 
 
 def pretrain_stage(run: Run, dm) -> None:

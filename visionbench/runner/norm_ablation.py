@@ -33,8 +33,8 @@ from visionbench.norms.conversions import convert_to_crmsnorm
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
-from visionbench.runner.classification import datamodule, fit_stage, probe_sweep, save_encoder
-from visionbench.runner.core import ENCODER_FILE, Run, build_encoder
+from visionbench.runner.classification import datamodule, probe_sweep
+from visionbench.runner.core import ENCODER_FILE, Run, build_encoder, fit_stage, save_encoder
 
 RESULT_FILE = "result.json"
 
@@ -259,7 +259,7 @@ def run_norm_ablation(run: Run) -> tuple[list[dict], int]:
         results += result_rows(record, placement=entry.placement, backbone=backbone,
                                init=run.entry.method)
         run.mark(f"entry:{entry.label}", wall_s=run.wall())
-    if a.entries and run.cfg.eval.inits.count("random"):
+    if a.entries and "random" in run.cfg.eval.inits:
         record = random_baseline(run, dm)
         records["random init"] = record
         results += result_rows(record, placement=run.cfg.model.placement, backbone=backbone,

@@ -49,8 +49,14 @@ from visionbench.methods.mae import MAE
 from visionbench.methods.unip import UNIP, choose_teacher_layer
 from visionbench.results.figures import save_mask_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
-from visionbench.runner.classification import fit_stage, save_encoder
-from visionbench.runner.core import ENCODER_FILE, Run, backbone_label, build_encoder
+from visionbench.runner.core import (
+    ENCODER_FILE,
+    Run,
+    backbone_label,
+    build_encoder,
+    fit_stage,
+    save_encoder,
+)
 
 PROTOCOLS = {"finetune": "finetune", "linear": "linear_probe"}  # file name -> leaderboard name
 DATASET_FOLDERS = {"soda": "SODA", "mfnet": "MFNet", "scut-seg": "SCUT-Seg"}
