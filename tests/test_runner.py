@@ -79,7 +79,11 @@ def test_mae_demo_runs_end_to_end_and_writes_a_complete_record(tmp_path):
     board = read_leaderboard(tmp_path / "leaderboard.csv")
     assert list(board.columns) == COLUMNS
     assert set(board["init"]) == {"mae", "random"} and set(board["source"]) == {"run"}
-    assert "linear_probe" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "linear_probe" in report
+    assert "| Status | finished |" in report and "not written yet" not in report
+    for row in metrics["results"]:  # every number of the run is in its report
+        assert f"{row['value']:.2f}" in report, row
 
     again = visionbench("report", str(run), cwd=tmp_path)
     assert again.returncode == 0, again.stderr

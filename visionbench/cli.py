@@ -8,7 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # usage errors as click prints them: usage line, hint, error line
     help="visionbench: vision pretraining and transfer benchmarks, one command per paper.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -210,21 +210,17 @@ def report(run_dir: Path) -> None:
 
 
 def main() -> None:
+    """The console script. Usage errors (a missing argument, a bad option value, an unknown
+    option or command) are handled by typer's own click in standalone mode: the usage message
+    and exit code 2. Bad input found by visionbench is one ``error:`` line and exit code 2."""
     try:
-        code = app(standalone_mode=False)
+        app()  # standalone mode: exits with the command's code
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,29 @@ class ModelConfig(Strict):
     norm: str = "layernorm"
     placement: str = "pre"
     weights: LocalFile = None
+    # per catalog norm, options over its defaults, used wherever that norm is built (e.g.
+    # {prepbn: {decay_fraction: 0.8}, powernorm: {grad_scale: paper}})
+    norm_options: dict[str, dict[str, Any]] = {}
+
+    @field_validator("norm_options")
+    @classmethod
+    def _known_norm_options(cls, value: dict) -> dict:
+        from visionbench.norms import KINDS, check_norm_options, list_norms
+
+        for name, options in value.items():
+            kinds = [k for k in KINDS if name in list_norms(k)]
+            if not kinds:
+                raise ValueError(f"unknown norm {name!r}; allowed: {', '.join(list_norms())}")
+            problems = []
+            for kind in kinds:  # batchnorm is a token and a conv norm: either may take them
+                try:
+                    check_norm_options(name, options, kind)
+                    break
+                except ConfigError as err:
+                    problems.append(str(err))
+            else:
+                raise ValueError(problems[0])
+        return value
 
     @field_validator("placement")
     @classmethod
@@ -140,6 +163,9 @@ class MAEConfig(Strict):
     val_every_n_epochs: int = Field(1, gt=0)
     official_weights: LocalFile = None
     figure_images: int = Field(8, gt=0)
+    # the paper's batch (4096) on any device count: gradient accumulation over data.batch_size
+    # x devices; the lr scales with it (main_pretrain.py). None: no accumulation
+    effective_batch_size: int | None = Field(None, gt=0)
 
 
 class TrainerConfig(Strict):
@@ -158,6 +184,8 @@ class ProbeConfig(Strict):
     epochs: int = Field(90, gt=0)
     warmup_epochs: float = Field(10, ge=0)
     batch_size: int = Field(16384, gt=0)
+    # when the best (lr, weight decay) is on the grid's edge, extend past it this many times
+    max_extensions: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _grid_size(self) -> ProbeConfig:
@@ -186,6 +214,10 @@ class FinetuneConfig(Strict):
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     global_pool: bool = True
     batch_size: int = Field(1024, gt=0)
+    effective_batch_size: int | None = Field(None, gt=0)  # the paper's 1024, by accumulation
+    # main_finetune.py / util/datasets.py: RandAugment, random erasing; 0.875 eval crop
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = Field(0.25, ge=0, le=1)
 
 
 class EvalConfig(Strict):
@@ -288,6 +320,7 @@ class DistillConfig(Strict):
     min_lr: float = Field(0.0, ge=0)
     drop_path: float = Field(0.1, ge=0, lt=1)
     checkpoint_every_n_steps: int = Field(1000, gt=0)
+    effective_batch_size: int | None = Field(None, gt=0)  # official 4096, by accumulation
 
 
 class NMIConfig(Strict):

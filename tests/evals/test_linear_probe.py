@@ -3,7 +3,7 @@ import torch
 
 import visionbench.evals.linear_probe as linear_probe
 from visionbench.errors import ConfigError
-from visionbench.evals.linear_probe import LARS, LinearHeads, linear_probe_sweep
+from visionbench.evals.linear_probe import LARS, LinearHeads, grid_extension, linear_probe_sweep
 
 C, D = 4, 16
 LRS = [1.0, 3.0, 10.0, 30.0]
@@ -35,7 +35,8 @@ def result(data):
 
 
 def test_best_head_separates_gaussian_blobs(result):
-    assert set(result) == {"grid", "best", "test_top1", "test_top5", "classes", "per_class_acc"}
+    assert set(result) == {"grid", "best", "best_position", "extensions", "test_top1",
+                           "test_top5", "classes", "per_class_acc"}
     assert result["test_top1"] >= 99.0
     assert result["test_top5"] == pytest.approx(100.0)  # top-min(5, C) = top-4 of 4 classes
     assert result["classes"] == ["a", "b", "c", "d"]
@@ -129,3 +130,39 @@ def test_lars_skips_trust_scaling_for_1d_params():
     # weight: update 4 rescaled by 0.001 * |w| / |g| = 0.001 * 2 / 8 -> step 0.001
     torch.testing.assert_close(weight.detach(), torch.full((2, 2), 0.999))
     torch.testing.assert_close(bias.detach(), torch.full((2,), -4.0))
+
+
+def test_grid_extension_goes_past_the_edge_the_best_lies_on():
+    lrs, wds = [1.0, 3.0, 10.0, 30.0], [0.0, 5e-4]
+    assert grid_extension(lrs, wds, (30.0, 0.0)) == ([90.0], [], ["largest lr"])
+    assert grid_extension(lrs, wds, (1.0, 5e-4)) == ([1.0 / 3.0], [5e-4 * 10.0],
+                                                     ["smallest lr", "largest weight decay"])
+    assert grid_extension(lrs, wds, (10.0, 0.0)) == ([], [], [])  # interior; wd 0 is no edge
+    assert grid_extension(lrs, [1e-4, 1e-3], (3.0, 1e-4)) == ([], [1e-5],
+                                                               ["smallest weight decay"])
+
+
+def test_sweep_extends_the_grid_when_the_best_is_on_its_edge(data):
+    tiny = [1e-6, 1e-5]  # far too small: the largest lr wins, then the next one past it
+    result = sweep(data, optimizer="sgd", lrs=tiny, weight_decays=[0.0], epochs=3,
+                   max_extensions=2)
+    assert [e["edges"] for e in result["extensions"]] == [["largest lr"], ["largest lr"]]
+    added = [lr for e in result["extensions"] for lr in e["added_lrs"]]
+    assert added == pytest.approx([1e-4, 1e-3])
+    assert [g["lr"] for g in result["grid"]] == pytest.approx(tiny + added)
+    assert result["best"]["lr"] == pytest.approx(1e-3)
+    assert result["best_position"] == "edge: largest lr"  # bounded: still on the edge
+
+    # Exactly what one sweep over the extended grid gives: heads are independent.
+    whole = sweep(data, optimizer="sgd", lrs=tiny + added, weight_decays=[0.0], epochs=3)
+    assert whole["extensions"] == []
+    assert [g["val_top1"] for g in whole["grid"]] == [g["val_top1"] for g in result["grid"]]
+    assert whole["test_top1"] == result["test_top1"]
+
+
+def test_sweep_does_not_extend_when_the_best_is_inside(data):
+    result = sweep(data, optimizer="sgd", lrs=[1e-5, 0.1, 1e4], weight_decays=[0.0], epochs=3,
+                   max_extensions=2)
+    assert result["best"]["lr"] == 0.1
+    assert result["extensions"] == [] and result["best_position"] == "interior"
+    assert len(result["grid"]) == 3

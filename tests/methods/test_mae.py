@@ -293,6 +293,48 @@ def test_loads_an_encoder_only_checkpoint_and_rejects_mismatches(tmp_path):
         make_mae().load_official(str(tmp_path / "ft.pth"))
 
 
+class Pickled:
+    pass
+
+
+def official_checkpoint(model: MAE, args) -> dict:
+    """What facebookresearch/mae ``util/misc.py`` ``save_model`` writes (no loss scaler on
+    CPU: its state dict is then the scaler's; the layout is the same)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, IMG, IMG))[0].backward()
+    optimizer.step()
+    return {"model": official_state(model), "optimizer": optimizer.state_dict(), "epoch": 399,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                       "growth_interval": 2000, "_growth_tracker": 120},
+            "args": args}
+
+
+def test_official_checkpoint_with_argparse_args_loads_and_other_classes_are_refused(tmp_path):
+    import argparse
+
+    source = make_mae(seed=5)
+    args = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True,
+                              blr=1.5e-4, batch_size=64, accum_iter=8, output_dir="./out")
+    path = tmp_path / "checkpoint-399.pth"
+    torch.save(official_checkpoint(source, args), path)
+    target = make_mae(seed=6)
+    assert "full model" in target.load_official(str(path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+    evil = tmp_path / "checkpoint-evil.pth"
+    torch.save(official_checkpoint(make_mae(seed=5), Pickled()), evil)
+    with pytest.raises(WeightsError, match="checkpoint-evil.pth: cannot load with weights_only"):
+        make_mae().load_official(str(evil))
+    nested = tmp_path / "checkpoint-nested.pth"
+    torch.save(official_checkpoint(make_mae(seed=5), argparse.Namespace(hook=Pickled())),
+               nested)
+    with pytest.raises(WeightsError, match="cannot load with weights_only"):
+        make_mae().load_official(str(nested))
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        torch.load(path, weights_only=True)  # the allow-list is not left on for later loads
+
+
 def test_reconstruct_returns_images():
     model = make_mae()
     imgs = torch.randn(2, 3, IMG, IMG)

@@ -113,7 +113,8 @@ def test_convert_to_ws_conv_keeps_parameters_and_hyperparameters():
 
 def test_bcn_estimated_statistics_train_and_eval_match_the_formula():
     torch.manual_seed(0)
-    layer = randomize_(build_norm("bcn_ws", 8, num_groups=4, momentum=0.3, dtype=F64))
+    layer = randomize_(build_norm("bcn_ws", 8, num_groups=4, momentum=0.3, estimate=True,
+                                  dtype=F64))
     assert isinstance(layer, BatchChannelNorm2d) and isinstance(layer.bn, EstimatedBatchNorm2d)
     w, b = per_channel(layer.bn.weight.detach()), per_channel(layer.bn.bias.detach())
     gamma, beta = layer.weight.detach(), layer.bias.detach()
@@ -140,15 +141,25 @@ def test_bcn_estimated_statistics_train_and_eval_match_the_formula():
     assert torch.equal(layer.bn.running_mean, before)  # no update in eval
 
 
-def test_bcn_without_estimates_uses_batch_statistics_in_training():
+def test_bcn_default_uses_batch_statistics_as_the_imagenet_code():
+    """imagenet/models/layers.py GN: nn.BatchNorm2d (batch statistics in training, running ones
+    in eval), then the per-group channel normalization."""
     torch.manual_seed(1)
-    layer = randomize_(build_norm("bcn_ws", 8, num_groups=2, estimate=False, dtype=F64))
-    assert isinstance(layer.bn, nn.BatchNorm2d)
+    assert norm_spec("bcn_ws", "conv").defaults["estimate"] is False
+    layer = randomize_(build_norm("bcn_ws", 8, num_groups=2, dtype=F64))
+    assert type(layer.bn) is nn.BatchNorm2d
     x = torch.randn(3, 8, 4, 4, dtype=F64)
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
     y = per_channel(layer.bn.weight.detach()) * (x - mean) / torch.sqrt(var + 1e-5)
     y = y + per_channel(layer.bn.bias.detach())
+    expected = ref_channel_part(y, 2, layer.weight.detach(), layer.bias.detach())
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+    layer.eval()
+    bn = layer.bn
+    x = torch.randn(2, 8, 4, 4, dtype=F64)
+    y = per_channel(bn.weight.detach()) * (x - per_channel(bn.running_mean)) / torch.sqrt(
+        per_channel(bn.running_var) + 1e-5) + per_channel(bn.bias.detach())
     expected = ref_channel_part(y, 2, layer.weight.detach(), layer.bias.detach())
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
 
@@ -264,7 +275,9 @@ def test_resnet18_with_every_conv_norm(name):
     model = create_resnet("resnet18", norm=name, in_chans=3)
     features = model(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 512) and torch.isfinite(features).all()
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    inside_bcn = {id(m.bn) for m in model.modules() if isinstance(m, BatchChannelNorm2d)}
+    has_bn = any(isinstance(m, nn.BatchNorm2d) and id(m) not in inside_bcn
+                 for m in model.modules())
     assert has_bn == (name == "batchnorm")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 20

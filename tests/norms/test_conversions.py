@@ -205,28 +205,49 @@ def test_fakeln_running_std_uses_the_official_momentum_rule_in_training_only():
     assert float(norm.average_std) == pytest.approx(float(expected))  # no tracking once fake
 
 
-def test_fakeln_schedule_fakes_one_norm_per_scheduled_step_in_the_documented_order():
+def test_fakeln_schedule_follows_the_official_per_norm_type_gaps():
+    """submarat/removing-layer-norm config.py (gpt2): ln_2 every 2 steps from start, the ln_1
+    q/k phase (L x 2 steps), ln_1 every 3 steps, then ln_f alone, all at once."""
     model, order = fakeln_vit()
     depth = TINY["depth"]
     assert order == ([f"blocks.{i}.norm2" for i in range(depth)]
                      + [f"blocks.{i}.norm1" for i in range(depth)] + ["norm"])
-    schedule = FakeLNSchedule(model, start=2, gap=3)
-    assert schedule.order == order and schedule.last_step == 2 + 3 * (len(order) - 1)
-    assert schedule.fake_at(1) == [] and schedule.fake_at(5) == order[:2]
+    start = 5  # the lr warmup's length
+    schedule = FakeLNSchedule(model, start=start, gap_norm2=2, gap_norm1_qk=2, gap_norm1=3)
+    expected = {f"blocks.{i}.norm2": start + 2 * i for i in range(depth)}
+    expected.update({f"blocks.{i}.norm1": start + depth * (2 + 2) + 3 * i
+                     for i in range(depth)})
+    expected["norm"] = start + depth * (2 + 2 + 3)
+    assert schedule.order == order
+    assert {n: schedule.step_of(n) for n in order} == expected
+    assert schedule.last_step == expected["norm"]
+    assert max(v for n, v in expected.items() if n != "norm") < expected["norm"]  # last
+    assert schedule.fake_at(start - 1) == [] and schedule.fake_at(start + 2) == order[:2]
     made = []
     for step in range(schedule.last_step + 3):
         newly = schedule.step()
-        due = step >= 2 and (step - 2) % 3 == 0 and (step - 2) // 3 < len(order)
-        assert newly == ([order[(step - 2) // 3]] if due else [])
+        assert newly == [n for n in order if expected[n] == step]
         made += newly
         fake_now = [n for n in order if model.get_submodule(n).fake]
         assert fake_now == schedule.fake_at(step) == made
     assert made == order and schedule.done
 
 
+def test_fakeln_schedule_fakes_every_final_norm_at_once():
+    model = randomize_(tiny_vit(num_classes=3, global_pool="avg", fc_norm=True), seed=1)
+    model.norm = nn.LayerNorm(model.embed_dim, eps=1e-6).double()
+    order = attach_fakeln(model)
+    assert order[-2:] == ["norm", "fc_norm"]
+    calibrate_fakeln(model, [images(4, seed=5)])
+    schedule = FakeLNSchedule(model, start=0, gap_norm2=1, gap_norm1_qk=0, gap_norm1=1)
+    assert schedule.step_of("norm") == schedule.step_of("fc_norm") == 2 * TINY["depth"]
+    with pytest.raises(ValueError, match=">= 0"):
+        FakeLNSchedule(model, start=-1)
+
+
 def test_removing_fake_layernorms_keeps_the_all_fake_function():
     model, _ = fakeln_vit()
-    schedule = FakeLNSchedule(model, start=0, gap=0)
+    schedule = FakeLNSchedule(model, start=0, gap_norm2=0, gap_norm1_qk=0, gap_norm1=0)
     assert len(schedule.step()) == 2 * TINY["depth"] + 1 and schedule.done
     x = images(seed=9)
     with torch.no_grad():
@@ -296,6 +317,39 @@ def test_alpha_bn_follows_the_formula():
     wrapped = alpha_bn(bn, alpha)
     assert isinstance(wrapped, AlphaBatchNorm)
     assert torch.allclose(wrapped(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_alpha_bn_backward_through_the_batch_statistics(alpha):
+    """Autograd on (test-time adaptation): dL/dx against the written-out gradient, with
+    s = (v + eps)^-1/2, v = a v_s + (1 - a) var_t, mu = a mu_s + (1 - a) mu_t, m values per
+    channel: dL/dx_i = gamma s [g_i - (1-a)/m sum_j g_j - (1-a)/m s^2 (x_i - mu_t)
+    sum_j g_j (x_j - mu)]; dL/dgamma, dL/dbeta as any affine."""
+    bn = bn_net().bn2d
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    wrapped = alpha_bn(bn, alpha)
+    y = wrapped(x)
+    (y * g).sum().backward()
+
+    dims, m = (0, 2, 3), x.shape[0] * x.shape[2] * x.shape[3]
+    xd = x.detach()
+    mu_t, var_t = xd.mean(dims), xd.var(dims, correction=0)
+    mu = alpha * bn.running_mean + (1 - alpha) * mu_t
+    v = alpha * bn.running_var + (1 - alpha) * var_t
+    s = (v + bn.eps).rsqrt()
+
+    def c(t):  # a per-channel vector, broadcast over (N, C, H, W)
+        return t[None, :, None, None]
+
+    sum_g = g.sum(dims)
+    sum_gx = (g * (xd - c(mu))).sum(dims)
+    expected = c(bn.weight.detach() * s) * (
+        g - c((1 - alpha) / m * sum_g) - c((1 - alpha) / m * s**2 * sum_gx) * (xd - c(mu_t)))
+    assert torch.allclose(x.grad, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(bn.weight.grad, (g * (xd - c(mu)) * c(s)).sum(dims), atol=1e-12)
+    assert torch.allclose(bn.bias.grad, sum_g, atol=1e-12)
+    assert bn.running_mean.grad is None and not bn.running_mean.requires_grad
 
 
 def test_alpha_bn_endpoints_and_untouched_running_stats():

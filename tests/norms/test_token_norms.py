@@ -53,8 +53,11 @@ def test_defaults_follow_official_code():
     assert (un.fp_window, un.bp_window, un.warmup_iters, un.outlier_filtration) == (4, 4, 4000,
                                                                                       True)
     assert (un.eps, un.momentum) == (1e-5, 0.9)
-    pn = build_norm("powernorm", 8, kind="token")
-    assert (pn.warmup_iters, pn.group_num, pn.eps) == (10000, 1, 1e-5)
+    pn = build_norm("powernorm", 8, kind="token")  # fairseq's: the fit's lr warmup, the heads
+    assert (pn.warmup_iters, pn.group_num, pn.eps) == ("lr_warmup", 1, 1e-5)
+    assert pn.grad_scale == "official"  # the code behind the published numbers
+    assert build_norm("powernorm", 8, kind="token", num_heads=4).group_num == 4
+    assert PowerNorm(8).warmup_iters == 10000 and PowerNorm(8).group_num == 1  # MaskPowerNorm
     assert build_norm("dyt", 8, kind="token").alpha.item() == 0.5
     prep = build_norm("prepbn", 8, kind="token")
     assert prep.repbn.alpha.item() == 1.0 and int(prep.total_steps) == 300000
@@ -65,7 +68,8 @@ def test_defaults_follow_official_code():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_accepts_device_and_dtype(name):
-    m = build_norm(name, 8, kind="token", device="cpu", dtype=F64)
+    kw = {"warmup_iters": 10} if name == "powernorm" else {}
+    m = build_norm(name, 8, kind="token", device="cpu", dtype=F64, **kw)
     tensors = list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]
     assert tensors and all(t.dtype == F64 and t.device.type == "cpu" for t in tensors)
     assert m(rand(3, 4, 8)).dtype == F64
@@ -442,9 +446,11 @@ def test_finite_under_bf16_autocast(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_builds_inside_timm_vit(name, pool):
+    options = {"warmup_iters": 10} if name == "powernorm" else None
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                               patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                              global_pool=pool, norm_layer=norm_layer(name, kind="token"))
+                              global_pool=pool,
+                              norm_layer=norm_layer(name, kind="token", options=options))
     expected_type = type(build_norm(name, 32, kind="token"))
     assert isinstance(model.blocks[0].norm1, expected_type)
     final = model.fc_norm if pool == "avg" else model.norm  # fc_norm sees (B, C)

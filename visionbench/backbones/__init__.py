@@ -23,12 +23,15 @@ def backbone_family(name: str) -> str:
 
 
 def create_backbone(
-    name: str, *, norm: str | None = None, placement: str = "pre", **kwargs
+    name: str, *, norm: str | None = None, placement: str = "pre",
+    norm_options: dict | None = None, **kwargs
 ) -> nn.Module:
-    """A headless backbone; ``norm=None`` takes the family's default (layernorm / batchnorm)."""
+    """A headless backbone; ``norm=None`` takes the family's default (layernorm / batchnorm);
+    ``norm_options`` override that norm's catalog defaults."""
     family = backbone_family(name)
     if family == "vit":
-        return create_vit(name, norm=norm or "layernorm", placement=placement, **kwargs)
+        return create_vit(name, norm=norm or "layernorm", placement=placement,
+                          norm_options=norm_options, **kwargs)
     if placement != "pre":
         raise ConfigError(f"placement {placement!r} applies to ViT backbones only")
     kwargs.pop("init", None)
@@ -36,7 +39,7 @@ def create_backbone(
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if key in kwargs:
             raise ConfigError(f"model.backbone_kwargs.{key} does not apply to ResNet {name!r}")
-    return create_resnet(name, norm=norm or "batchnorm", **kwargs)
+    return create_resnet(name, norm=norm or "batchnorm", norm_options=norm_options, **kwargs)
 
 
 __all__ = [

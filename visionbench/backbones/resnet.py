@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 
 import timm
+from timm.layers import BatchNormAct2d, GroupNormAct
 from timm.models.resnet import ResNet
 from timm.models.resnetv2 import ResNetV2
 
@@ -35,6 +36,10 @@ from visionbench.norms.conv import convert_to_ws_conv, lecun_normal_, selu_act_l
 
 RESNET_NAME = re.compile(r"^resnet\d+[a-z]?$")
 EVONORMS = ("evonorm_b0", "evonorm_s0")
+# Norms of the pre-activation ResNetV2: the EvoNorms, and the BN-ReLU / GN-ReLU baselines as
+# timm's norm-act layers (GroupNormAct: 32 groups, as the catalog's groupnorm).
+NORM_ACT = {"batchnorm": BatchNormAct2d, "groupnorm": GroupNormAct}
+PREACT_NORMS = (*EVONORMS, *NORM_ACT)
 
 
 def is_resnet_name(name: str) -> bool:
@@ -46,22 +51,33 @@ def preact_name(name: str) -> str:
     return "resnetv2_" + name.removeprefix("resnet")
 
 
-def create_resnet(name: str, *, norm: str = "batchnorm", **overrides) -> ResNet | ResNetV2:
+def create_resnet(name: str, *, norm: str = "batchnorm", norm_options: dict | None = None,
+                  preact: bool | None = None, **overrides) -> ResNet | ResNetV2:
     """A headless (``num_classes=0``, global average pooled) timm ResNet with ``norm``.
 
     ``alpha_dropout=`` (the alpha dropout rate after each SELU) applies to ``norm="selu"`` only.
-    EvoNorms give a pre-activation ``ResNetV2`` (see the module docstring).
+    EvoNorms give a pre-activation ``ResNetV2`` (see the module docstring). ``preact=True``
+    builds that same ``ResNetV2`` with another norm (its BN-ReLU pairs as timm's norm-act
+    layers): the like-for-like baseline of the EvoNorm entries. ``norm_options`` override the
+    norm's catalog defaults.
     """
     if not is_resnet_name(name):
         raise ConfigError(f"unknown ResNet backbone {name!r}; expected a timm name like resnet50")
     overrides.pop("img_size", None)  # a ResNet takes any size
     overrides.setdefault("num_classes", 0)
-    layer = norm_layer(norm, kind="conv")
+    if preact is None:
+        preact = norm in EVONORMS
+    if norm in EVONORMS and not preact:
+        raise ConfigError(f"norm {norm!r} needs the pre-activation ResNet (preact: true)")
+    if preact and norm not in PREACT_NORMS:
+        raise ConfigError(f"a pre-activation ResNet takes one of {', '.join(PREACT_NORMS)}, "
+                          f"not {norm!r}")
+    layer = norm_layer(norm, kind="conv", options=norm_options)
     alpha_dropout = overrides.pop("alpha_dropout", None)
     if alpha_dropout is not None and norm != "selu":
         raise ConfigError(f"alpha_dropout applies to norm 'selu' only, not {norm!r}")
 
-    if norm in EVONORMS:
+    if preact:
         variant = preact_name(name)
         if variant not in timm.list_models("resnetv2_*"):
             allowed = sorted(n.replace("resnetv2_", "resnet") for n in timm.list_models(
@@ -70,6 +86,10 @@ def create_resnet(name: str, *, norm: str = "batchnorm", **overrides) -> ResNet 
                 f"norm {norm!r} needs a pre-activation ResNet and timm has none for {name!r}; "
                 f"allowed: {', '.join(allowed)}"
             )
+        if norm not in EVONORMS:  # BN-ReLU / GN-ReLU as timm's norm-act layers
+            layer = NORM_ACT[norm]
+            if norm_options:
+                raise ConfigError(f"norm_options do not apply to the pre-activation {norm}")
         return timm.create_model(variant, pretrained=False, norm_layer=layer, **overrides)
 
     if norm == "selu":

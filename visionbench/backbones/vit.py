@@ -28,7 +28,7 @@ from visionbench.backbones.placements import (
 )
 from visionbench.backbones.pos_embed import fixed_sincos_
 from visionbench.errors import ConfigError
-from visionbench.norms import norm_layer
+from visionbench.norms import norm_layer, norm_spec
 
 VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch\d+_\d+$")
 
@@ -58,12 +58,15 @@ def create_vit(
     mix_alpha: float | None = None,
     init: str = "mae",
     fixed_pos_embed: bool = True,
+    norm_options: dict | None = None,
     **overrides,
 ) -> VisionTransformer:
     """A headless (``num_classes=0``) timm ViT with the ``norm`` layer and ``placement``.
 
     ``mix_alpha`` (placement ``mix`` only, default 0.25) is the fraction of blocks, counted
-    from the input and rounded down, that use Post-LN.
+    from the input and rounded down, that use Post-LN. ``norm_options`` override the norm's
+    catalog defaults; norms that depend on the attention (PowerNorm's groups) get its head
+    count.
     """
     if not is_vit_name(name):
         raise ConfigError(
@@ -74,7 +77,10 @@ def create_vit(
     if init not in ("mae", "timm"):
         raise ConfigError(f"unknown init {init!r}; allowed: mae, timm")
     overrides.setdefault("num_classes", 0)
-    make_norm = norm_layer(norm, kind="token")
+    make_norm = norm_layer(norm, kind="token", options=norm_options)  # checks the name first
+    if norm_spec(norm, "token").context:  # PowerNorm: groups = the attention heads
+        make_norm = norm_layer(norm, kind="token", options=norm_options,
+                               context={"num_heads": model_heads(name, overrides)})
     depth = model_depth(name, overrides) if placement == "mix" else None
     structure = placement_kwargs(placement, depth, mix_alpha)
     fixed = sorted(set(structure) & set(overrides))
@@ -91,12 +97,23 @@ def create_vit(
     return model
 
 
+def _meta_build(name: str, overrides: dict) -> VisionTransformer:
+    rest = {k: v for k, v in overrides.items() if k not in ("device", "dtype")}
+    return timm.create_model(name, pretrained=False, device="meta", **rest)
+
+
 def model_depth(name: str, overrides: dict) -> int:
     """The number of blocks ``name`` gets with ``overrides``, read off a meta-device build."""
     if "depth" in overrides:
         return int(overrides["depth"])
-    rest = {k: v for k, v in overrides.items() if k not in ("device", "dtype")}
-    return len(timm.create_model(name, pretrained=False, device="meta", **rest).blocks)
+    return len(_meta_build(name, overrides).blocks)
+
+
+def model_heads(name: str, overrides: dict) -> int:
+    """The attention head count ``name`` gets with ``overrides``."""
+    if "num_heads" in overrides:
+        return int(overrides["num_heads"])
+    return int(_meta_build(name, overrides).blocks[0].attn.num_heads)
 
 
 def mae_init_(model: VisionTransformer, fixed_pos_embed: bool = True) -> None:

@@ -3,7 +3,9 @@
 
 Layouts understood (the first that applies is used):
 - a bare state dict, or one wrapped under ``model`` / ``state_dict`` / ``model_state`` (the
-  official MAE checkpoints use ``{"model": ...}``; Lightning checkpoints ``state_dict``);
+  official MAE checkpoints use ``{"model": ...}``, with ``optimizer``, ``epoch``, ``scaler`` and
+  the ``argparse.Namespace`` of the script's ``args`` beside it: that one class is allowed to
+  unpickle, nothing else; Lightning checkpoints ``state_dict``);
 - prefixes ``module.`` (DDP), ``encoder.`` (visionbench's MAE module) and ``backbone.``;
 - official MAE keys: the encoder keys equal timm's ViT keys (``cls_token``, ``pos_embed``,
   ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``); the decoder keys (``mask_token``,
@@ -13,6 +15,8 @@ Layouts understood (the first that applies is used):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +70,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            with _official_checkpoint_globals():
+                raw = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise WeightsError(f"{path}: cannot load with weights_only=True ({reason})") from None
@@ -74,6 +79,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: unknown weights format; expected .pt, .pth or .safetensors")
     state = _unwrap(raw, path)
     return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+# Classes an official training script pickles next to the weights: facebookresearch/mae
+# ``util/misc.py`` ``save_model`` stores ``{"model", "optimizer", "epoch", "scaler", "args"}``
+# with ``args`` the script's ``argparse.Namespace``. Exactly these are allowed to unpickle
+# (torch's safe globals); any other class still makes ``weights_only=True`` refuse the file.
+CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+@contextlib.contextmanager
+def _official_checkpoint_globals():
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch 2.4: only the process-wide allow-list exists
+        torch.serialization.add_safe_globals(list(CHECKPOINT_SAFE_GLOBALS))
+        yield
+        return
+    with safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
+        yield
 
 
 def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:

@@ -314,6 +314,34 @@ def _per_channel(values: Sequence[float], in_chans: int, name: str) -> list[floa
     )
 
 
+EVAL_CROP = 0.875  # main_finetune.py / main_linprobe.py: Resize(256) + CenterCrop(224)
+
+
+def finetune_augmentation(image_size: int, mean: Sequence[float], std: Sequence[float],
+                          auto_augment: str | None, reprob: float) -> tuple[list, list]:
+    """The PIL and tensor parts of MAE's fine-tune transform (``util/datasets.py``
+    ``build_transform``: timm's ``create_transform`` with RandomResizedCrop(0.08, 1) bicubic,
+    flip, RandAugment ``auto_augment``, then normalize and RandomErasing(``reprob``, pixel
+    mode, one box)). Returns ``(PIL ops, tensor ops after Normalize)``."""
+    from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+
+    def rgb(values: Sequence[float]) -> tuple[float, ...]:  # RandAugment's fill colour
+        values = [float(v) for v in values]
+        return tuple(values) if len(values) == 3 else (sum(values) / len(values),) * 3
+
+    try:
+        primary, secondary, final = create_transform(
+            image_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
+            interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+            mean=rgb(mean), std=rgb(std), separate=True)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ConfigError(f"eval.finetune.auto_augment: {auto_augment!r} is not a timm "
+                          f"augmentation policy ({err})") from None
+    erasing = [t for t in final.transforms if isinstance(t, RandomErasing)]
+    return list(primary.transforms) + list(secondary.transforms), erasing
+
+
 def build_transform(
     image_size: int,
     in_chans: int,
@@ -321,35 +349,45 @@ def build_transform(
     std: Sequence[float],
     train: bool,
     kind: str = "mae",
+    auto_augment: str | None = None,
+    reprob: float = 0.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image of any size and mode -> normalized ``(in_chans, image_size, image_size)``.
 
     Train ``kind="mae"``: RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip,
-    as MAE pretraining; ``kind="finetune"``: scale=(0.08, 1.0). Eval: bicubic resize of the
-    short side to ``image_size`` + centre crop (no 1/0.875 margin, which tiny images lack).
-    ``mean`` / ``std``: one value per channel, one for all, or RGB values (averaged when
-    ``in_chans`` is not 3).
+    as MAE pretraining; ``kind="finetune"``: MAE's fine-tune transform
+    (``finetune_augmentation``: scale=(0.08, 1.0), RandAugment ``auto_augment`` when given,
+    RandomErasing with probability ``reprob``), augmented in RGB. Eval: bicubic resize of the
+    short side to ``image_size / 0.875`` + centre crop, as ``main_finetune.py`` and
+    ``main_linprobe.py`` (256 -> 224). ``mean`` / ``std``: one value per channel, one for all,
+    or RGB values (averaged when ``in_chans`` is not 3).
     """
     if in_chans < 1:
         raise ConfigError(f"model.in_chans: {in_chans} (expected a positive integer)")
     bicubic = T.InterpolationMode.BICUBIC
+    after: list = []
+    channels = in_chans
     if not train:
-        spatial = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
-    elif kind in ("mae", "finetune"):
-        scale = (0.2, 1.0) if kind == "mae" else (0.08, 1.0)
+        spatial = [T.Resize(int(image_size / EVAL_CROP), interpolation=bicubic),
+                   T.CenterCrop(image_size)]
+    elif kind == "mae":
         spatial = [
-            T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic),
+            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
             T.RandomHorizontalFlip(),
         ]
+    elif kind == "finetune":
+        channels = 3  # timm's RandAugment works on RGB; AdaptChannels brings in_chans back
+        spatial, after = finetune_augmentation(image_size, mean, std, auto_augment, reprob)
     else:
         raise ConfigError(f"data.train_kind: {kind!r} (expected 'mae' or 'finetune')")
     return T.Compose(
         [
-            ToChannels(in_chans),
+            ToChannels(channels),
             *spatial,
             T.ToTensor(),
             AdaptChannels(in_chans),
             T.Normalize(_per_channel(mean, in_chans, "mean"), _per_channel(std, in_chans, "std")),
+            *after,
         ]
     )
 
@@ -397,6 +435,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         train_kind: str = "mae",
+        auto_augment: str | None = None,
+        reprob: float = 0.0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -405,7 +445,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        self.train_transform = build_transform(image_size, in_chans, mean, std, True, train_kind)
+        self.train_transform = build_transform(image_size, in_chans, mean, std, True, train_kind,
+                                               auto_augment, reprob)
         self.eval_transform = build_transform(image_size, in_chans, mean, std, False)
         self.splits: Splits | None = None
 

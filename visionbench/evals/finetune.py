@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
-from visionbench.methods.schedule import half_cycle_cosine, set_lr
+from visionbench.methods.schedule import ensure_trained, half_cycle_cosine, set_lr
 
 FINETUNE_DEFAULTS = {
     "weight_decay": 0.05,
@@ -154,6 +154,12 @@ class FineTuneClassifier(L.LightningModule):
                                   no_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.base_lr)
 
+    def lr_warmup_steps(self) -> int:
+        batches = self.trainer.num_training_batches
+        per_epoch = int(batches) // self.trainer.accumulate_grad_batches if math.isfinite(
+            batches) else 1
+        return round(self.hparams.warmup_epochs * max(per_epoch, 1))
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         batches = self.trainer.num_training_batches
         # An unsized loader has no fraction of an epoch: the lr then moves once per epoch.
@@ -233,7 +239,8 @@ def read_history(metrics_csv: Path) -> list[dict]:
 
 
 def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_loader,
-                 num_classes: int, cfg: dict, trainer_kwargs: dict, out_dir: Path) -> dict:
+                 num_classes: int, cfg: dict, trainer_kwargs: dict, out_dir: Path,
+                 callbacks: tuple = ()) -> dict:
     """Fine-tune ``backbone`` with a new head, then test it.
 
     ``cfg["base_lr"]`` is MAE's blr: the absolute lr is blr * effective batch / 256, with the
@@ -247,7 +254,7 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
     logger = CSVLogger(out_dir, name="finetune")
     trainer = L.Trainer(max_epochs=cfg["epochs"], default_root_dir=out_dir, logger=logger,
-                        enable_checkpointing=False, **trainer_kwargs)
+                        enable_checkpointing=False, callbacks=list(callbacks), **trainer_kwargs)
     batch_size = getattr(datamodule_train_loader, "batch_size", None)
     if not batch_size:
         raise ConfigError("finetune: the training loader needs a fixed batch_size to scale "
@@ -261,6 +268,7 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
         global_pool=cfg["global_pool"],
     )
     trainer.fit(model, train_dataloaders=datamodule_train_loader, val_dataloaders=val_loader)
+    ensure_trained(trainer, "fine-tune")
     tested = trainer.test(model, dataloaders=test_loader, verbose=False)[0]
     return {
         "test_top1": float(tested["test_top1"]),

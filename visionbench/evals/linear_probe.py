@@ -133,36 +133,64 @@ def check_inputs(train_x: Tensor, train_y: Tensor, num_classes: int, lrs: list[f
         raise ConfigError(f"linear probe: {len(classes)} class names for {num_classes} classes")
 
 
-def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
-                       test_x: Tensor, test_y: Tensor, num_classes: int, lrs: list[float],
-                       weight_decays: list[float], epochs: int, batch_size: int,
-                       warmup_epochs: int, seed: int, classes: list[str] | None = None,
-                       optimizer: str = "lars") -> dict:
-    """Train one head per (lr, weight decay) in one pass per epoch, pick the best by val
-    top-1 (ties: the lower lr index, then the lower weight-decay index), test it.
+def grid_extension(lrs: list[float], weight_decays: list[float], best: tuple[float, float]
+                   ) -> tuple[list[float], list[float], list[str]]:
+    """The points one extension adds past the edges of the grid on which ``best`` lies.
 
-    Learning rates are absolute. ``optimizer`` is ``"lars"`` (MAE) or ``"sgd"`` (SGD with
-    momentum 0.9, weight decay on every parameter). Runs on the device of ``train_x``.
-    Returns ``{"grid": [{"lr", "weight_decay", "val_top1", "val_top5"}, ...],
-    "best": {"lr", "weight_decay"}, "test_top1", "test_top5", "classes",
-    "per_class_acc"}`` with accuracies in percent.
+    An axis is extended geometrically by the ratio of its last (first) two values, one new
+    value past the edge (x 10 when the axis holds one value). The lr axis is extended at both
+    ends; the weight-decay axis upwards, and downwards only from a positive value (0 is a
+    natural edge, nothing lies below it). Returns ``(new lrs, new weight decays, edges)``.
     """
-    check_inputs(train_x, train_y, num_classes, lrs, weight_decays, epochs, batch_size,
-                 classes)
-    if optimizer not in ("lars", "sgd"):
-        raise ConfigError(f"linear probe: unknown optimizer {optimizer!r}; "
-                          "expected one of ['lars', 'sgd']")
+    lrs, wds = sorted(set(lrs)), sorted(set(weight_decays))
+    new_lrs, new_wds, edges = [], [], []
+
+    def ratio(values: list[float], top: bool) -> float:
+        if len(values) < 2 or values[0] <= 0:
+            return 10.0
+        return values[-1] / values[-2] if top else values[1] / values[0]
+
+    lr, wd = best
+    if lr == lrs[-1]:
+        new_lrs.append(lr * ratio(lrs, True))
+        edges.append("largest lr")
+    elif lr == lrs[0] and len(lrs) > 1:
+        new_lrs.append(lr / ratio(lrs, False))
+        edges.append("smallest lr")
+    if wd == wds[-1] and wd > 0:
+        positive = [w for w in wds if w > 0]
+        new_wds.append(wd * ratio(positive, True))
+        edges.append("largest weight decay")
+    elif wd == wds[0] and wd > 0 and len(wds) > 1:
+        new_wds.append(wd / ratio(wds, False))
+        edges.append("smallest weight decay")
+    return new_lrs, new_wds, edges
+
+
+def train_heads(train_x: Tensor, train_y: Tensor, grid: list[tuple[float, float]],
+                num_classes: int, epochs: int, batch_size: int, warmup_epochs: float, seed: int,
+                optimizer: str = "lars") -> LinearHeads:
+    """One head per ``(lr, weight decay)`` of ``grid``, all trained in one pass per epoch.
+
+    Every head starts from the same initial weights and sees the same mini-batches (both fixed
+    by ``seed``), so a head's result depends on its own (lr, weight decay) only: heads trained
+    in a later call (a grid extension) are exactly those a larger first grid would have held.
+    """
     device = train_x.device
-    grid = [(lr, wd) for lr in lrs for wd in weight_decays]
-    generator = torch.Generator().manual_seed(seed)
-    heads = LinearHeads(train_x.shape[1], num_classes, len(grid), generator).to(device)
+    init = torch.empty(train_x.shape[1], num_classes)
+    nn.init.trunc_normal_(init, std=0.01, generator=torch.Generator().manual_seed(seed))
+    heads = LinearHeads(train_x.shape[1], num_classes, len(grid)).to(device)
+    with torch.no_grad():
+        for weight in heads.weights:
+            weight.copy_(init)
     groups = [{"params": [heads.weights[h], heads.biases[h]], "lr": lr, "peak_lr": lr,
                "weight_decay": wd} for h, (lr, wd) in enumerate(grid)]
     if optimizer == "lars":
         opt: torch.optim.Optimizer = LARS(groups)
     else:
-        opt = torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
+        opt = torch.optim.SGD(groups, lr=grid[0][0], momentum=0.9)
 
+    generator = torch.Generator().manual_seed(seed)
     train_x, train_y = train_x.float(), train_y.long().to(device)
     steps_per_epoch = max(train_x.shape[0] // batch_size, 1)
     for epoch in range(epochs):
@@ -178,28 +206,80 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return heads
 
+
+def best_index(results: list[dict]) -> int:
+    """The highest val top-1; ties go to the lower lr, then the lower weight decay."""
+    return min(range(len(results)), key=lambda h: (-results[h]["val_top1"],
+                                                   results[h]["lr"], results[h]["weight_decay"]))
+
+
+def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+                       test_x: Tensor, test_y: Tensor, num_classes: int, lrs: list[float],
+                       weight_decays: list[float], epochs: int, batch_size: int,
+                       warmup_epochs: int, seed: int, classes: list[str] | None = None,
+                       optimizer: str = "lars", max_extensions: int = 0) -> dict:
+    """Train one head per (lr, weight decay) in one pass per epoch, pick the best by val
+    top-1 (ties: the lower lr, then the lower weight decay), test it.
+
+    When the best lies on an edge of the grid (``grid_extension``), up to ``max_extensions``
+    times the grid is extended past that edge and the new heads are trained on the same cached
+    features (one more pass per extension); ``extensions`` records each one and
+    ``best_position`` says where the final best lies ("interior", or the edges it is on).
+
+    Learning rates are absolute. ``optimizer`` is ``"lars"`` (MAE) or ``"sgd"`` (SGD with
+    momentum 0.9, weight decay on every parameter). Runs on the device of ``train_x``.
+    Returns ``{"grid": [{"lr", "weight_decay", "val_top1", "val_top5"}, ...],
+    "best": {"lr", "weight_decay"}, "best_position", "extensions", "test_top1", "test_top5",
+    "classes", "per_class_acc"}`` with accuracies in percent.
+    """
+    check_inputs(train_x, train_y, num_classes, lrs, weight_decays, epochs, batch_size,
+                 classes)
+    if optimizer not in ("lars", "sgd"):
+        raise ConfigError(f"linear probe: unknown optimizer {optimizer!r}; "
+                          "expected one of ['lars', 'sgd']")
+    if max_extensions < 0:
+        raise ConfigError(f"linear probe: max_extensions must be >= 0, got {max_extensions}")
+    device = train_x.device
     top5 = min(5, num_classes)
-    val_logits = head_logits(heads, val_x.float().to(device))
-    val_y = val_y.long().to(device)
-    results = []
-    for h, (lr, wd) in enumerate(grid):
-        results.append({"lr": lr, "weight_decay": wd,
-                        "val_top1": accuracy(val_logits[h], val_y, num_classes),
-                        "val_top5": accuracy(val_logits[h], val_y, num_classes, top5)})
-    best = 0
-    for h, entry in enumerate(results):
-        if entry["val_top1"] > results[best]["val_top1"]:
-            best = h
+    val_x, val_y = val_x.float().to(device), val_y.long().to(device)
+    axes = (list(lrs), list(weight_decays))
+    results: list[dict] = []
+    trained: list[tuple[LinearHeads, int]] = []  # (heads, index of the head's grid point)
+    extensions: list[dict] = []
+    points = [(lr, wd) for lr in axes[0] for wd in axes[1]]
+    while True:
+        heads = train_heads(train_x, train_y, points, num_classes, epochs, batch_size,
+                            warmup_epochs, seed, optimizer)
+        val_logits = head_logits(heads, val_x)
+        for h, (lr, wd) in enumerate(points):
+            results.append({"lr": lr, "weight_decay": wd,
+                            "val_top1": accuracy(val_logits[h], val_y, num_classes),
+                            "val_top5": accuracy(val_logits[h], val_y, num_classes, top5)})
+            trained.append((heads, h))
+        best = best_index(results)
+        new_lrs, new_wds, edges = grid_extension(*axes, (results[best]["lr"],
+                                                         results[best]["weight_decay"]))
+        if not edges or len(extensions) == max_extensions:
+            break
+        axes = (axes[0] + new_lrs, axes[1] + new_wds)
+        done = {(r["lr"], r["weight_decay"]) for r in results}
+        points = [(lr, wd) for lr in axes[0] for wd in axes[1] if (lr, wd) not in done]
+        extensions.append({"edges": edges, "added_lrs": new_lrs, "added_weight_decays": new_wds,
+                           "best_before": {"lr": results[best]["lr"],
+                                           "weight_decay": results[best]["weight_decay"]}})
 
-    test_logits = head_logits(heads, test_x.float().to(device))[best]
+    heads, h = trained[best]
+    test_logits = head_logits(heads, test_x.float().to(device))[h]
     test_y = test_y.long().to(device)
     return {
         "grid": results,
-        "best": {"lr": grid[best][0], "weight_decay": grid[best][1]},
+        "best": {"lr": results[best]["lr"], "weight_decay": results[best]["weight_decay"]},
+        "best_position": "interior" if not edges else "edge: " + ", ".join(edges),
+        "extensions": extensions,
         "test_top1": accuracy(test_logits, test_y, num_classes),
         "test_top5": accuracy(test_logits, test_y, num_classes, top5),
         "classes": list(classes) if classes is not None else [str(c) for c in range(num_classes)],
         "per_class_acc": per_class_accuracy(test_logits, test_y, num_classes),
     }
-

@@ -58,7 +58,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from visionbench.errors import ConfigError
 from visionbench.evals.finetune import param_groups_lrd
-from visionbench.methods.schedule import set_lr
+from visionbench.methods.schedule import ensure_trained, set_lr
 
 IGNORE_INDEX = 255
 PROTOCOLS = ("finetune", "linear")
@@ -434,11 +434,15 @@ class SegmentationFineTuner(L.LightningModule):
             groups = param_groups_lrd(self.model, hp.weight_decay, hp.layer_decay)
         return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
+    def lr_warmup_steps(self) -> int:
+        hp = self.hparams
+        if hp.warmup_steps is not None:
+            return int(hp.warmup_steps)
+        return round(hp.warmup_fraction * int(self.trainer.estimated_stepping_batches))
+
     def on_train_start(self) -> None:
         self.total_steps = int(self.trainer.estimated_stepping_batches)
-        hp = self.hparams
-        self.warmup_steps = (hp.warmup_steps if hp.warmup_steps is not None
-                             else round(hp.warmup_fraction * self.total_steps))
+        self.warmup_steps = self.lr_warmup_steps()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         hp = self.hparams
@@ -542,7 +546,7 @@ def read_loss_history(metrics_csv: Path) -> list[dict]:
 def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes: int,
                      protocol: str = "finetune", cfg: dict | None = None,
                      out_dir: Path | str = ".", trainer_kwargs: dict | None = None,
-                     keep_model: bool = False) -> dict:
+                     keep_model: bool = False, callbacks: tuple = ()) -> dict:
     """Train a segmentation protocol on ``backbone`` (in place: pass a fresh copy), then test.
 
     Batches are ``(image (B, 3, H, W) normalized float, mask (B, H, W) long, 255 = ignore)``.
@@ -566,11 +570,14 @@ def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes
         inference=cfg["inference"], crop=cfg["crop"], stride=cfg["stride"],
         ignore_index=cfg["ignore_index"])
     logger = CSVLogger(out_dir, name=f"segmentation_{protocol}")
+    trainer_kwargs = dict(trainer_kwargs or {})
+    callbacks = [*callbacks, *trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(max_epochs=cfg["epochs"] if cfg["epochs"] is not None else -1,
                         max_steps=cfg["max_steps"] if cfg["max_steps"] is not None else -1,
                         default_root_dir=out_dir, logger=logger, enable_checkpointing=False,
-                        **(trainer_kwargs or {}))
+                        callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=train_loader)
+    ensure_trained(trainer, f"segmentation {protocol}")
     trainer.test(module, dataloaders=test_loader, verbose=False)
     result = {
         **module.test_scores,

@@ -17,7 +17,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from visionbench.methods.schedule import half_cycle_cosine, set_lr
+from visionbench.methods.schedule import ensure_trained, half_cycle_cosine, set_lr
 
 
 class SupervisedClassifier(L.LightningModule):
@@ -41,6 +41,9 @@ class SupervisedClassifier(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
+
+    def lr_warmup_steps(self) -> int:
+        return round(self.warmup_epochs * max(1, int(self.trainer.num_training_batches)))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         per_epoch = max(1, int(self.trainer.num_training_batches))
@@ -89,6 +92,7 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
         **trainer_kwargs,
     )
     trainer.fit(model, train_loader, val_loader)
+    ensure_trained(trainer, "supervised training")
     model.eval()
     trainer.test(model, test_loader, verbose=False)
     return {

@@ -19,7 +19,6 @@ from visionbench.methods.schedule import (
     set_lr,
     weight_decay_groups,
 )
-from visionbench.norms.token import attach_prepbn_schedule, prepbn_layers
 
 
 class PretrainModule(L.LightningModule):
@@ -69,23 +68,16 @@ class PretrainModule(L.LightningModule):
         )
         return torch.optim.AdamW(self.optimizer_groups(), lr=self.base_lr, betas=self.betas)
 
-    def on_train_start(self) -> None:
-        """SLAB's PRepBN decays its LayerNorm share over this fit's optimizer steps."""
-        if prepbn_layers(self):
-            total = int(self.trainer.estimated_stepping_batches)
-            self._prepbn_hook = attach_prepbn_schedule(self, self.trainer.optimizers[0], total)
-
-    def on_train_end(self) -> None:
-        hook = getattr(self, "_prepbn_hook", None)
-        if hook is not None:
-            hook.remove()
-
     def steps_per_epoch(self) -> int:
         trainer = self.trainer
         batches = trainer.num_training_batches
         if not math.isfinite(batches) or batches <= 0:
             return 1
         return max(1, int(batches) // trainer.accumulate_grad_batches)
+
+    def lr_warmup_steps(self) -> int:
+        """The lr warmup in optimizer steps (norms that follow it read this)."""
+        return round(self.warmup_epochs * self.steps_per_epoch())
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         epoch = self.global_step / self.steps_per_epoch()

@@ -89,6 +89,7 @@ class MAE(PretrainModule):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm: str = "layernorm",
+        norm_options: dict | None = None,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         batch_size: int = 64,
@@ -123,7 +124,8 @@ class MAE(PretrainModule):
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
         )
-        make_norm = norm_layer(norm, kind="token")
+        make_norm = norm_layer(norm, kind="token", options=norm_options,
+                               context={"num_heads": decoder_num_heads})
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
                   norm_layer=make_norm)
@@ -156,6 +158,7 @@ class MAE(PretrainModule):
             decoder_depth=p.decoder_depth,
             decoder_num_heads=p.decoder_num_heads,
             norm=cfg.model.norm,
+            norm_options=cfg.model.norm_options.get(cfg.model.norm),
             mask_ratio=p.mask_ratio,
             norm_pix_loss=p.norm_pix_loss,
             batch_size=cfg.data.batch_size,

@@ -52,6 +52,15 @@ def weight_decay_groups(
     ]
 
 
+def ensure_trained(trainer, label: str) -> None:
+    """A fit that ran no optimizer step must not count as done: one clear error instead."""
+    if trainer.global_step == 0 and not getattr(trainer, "fast_dev_run", False):
+        from visionbench.errors import DataError
+
+        raise DataError(f"{label}: no optimizer step ran (the training loader held no full "
+                        "batch); lower the batch size or give more data")
+
+
 def absolute_lr(blr: float, batch_size: int, accumulate: int = 1, world_size: int = 1) -> float:
     """MAE's linear scaling rule: lr = blr * effective batch / 256."""
     return blr * batch_size * accumulate * world_size / 256

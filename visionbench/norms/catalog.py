@@ -26,6 +26,8 @@ class NormSpec:
     formula: str
     defaults: dict = field(default_factory=dict)
     where: str = ""  # where it goes in the network, as the paper places it
+    # what the backbone tells the factory about where the norm sits (e.g. ``num_heads``)
+    context: tuple[str, ...] = ()
 
 
 KINDS = ("token", "conv")
@@ -41,15 +43,21 @@ def register_norm(
     formula: str,
     defaults: dict | None = None,
     where: str = "",
+    context: tuple[str, ...] = (),
 ) -> Callable:
-    """Register ``factory(dim, **kw) -> nn.Module`` under ``(kind, name)``."""
+    """Register ``factory(dim, **kw) -> nn.Module`` under ``(kind, name)``.
+
+    ``context`` names keyword arguments the backbone passes besides the options (e.g.
+    ``num_heads`` of the attention the norm sits in), for defaults that depend on them.
+    """
     if kind not in KINDS:
         raise ValueError(f"norm kind {kind!r}: expected one of {KINDS}")
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if (kind, name) in NORMS:
             raise ValueError(f"{kind} norm {name!r} registered twice")
-        spec = NormSpec(name, factory, kind, paper, arxiv, formula, dict(defaults or {}), where)
+        spec = NormSpec(name, factory, kind, paper, arxiv, formula, dict(defaults or {}), where,
+                        tuple(context))
         NORMS[(kind, name)] = spec
         return factory
 
@@ -80,8 +88,24 @@ def build_norm(name: str, dim: int, *, kind: str | None = None, **kw) -> nn.Modu
     return spec.factory(dim, **{**spec.defaults, **kw})
 
 
-def norm_layer(name: str, kind: str | None = None) -> Callable[..., nn.Module]:
-    """The ``norm_layer=`` callable for timm constructors; validates the name up front."""
+def check_norm_options(name: str, options: dict, kind: str | None = None) -> dict:
+    """``options`` (the config's ``model.norm_options[name]``) checked against the entry's
+    defaults: an unknown key is a ``ConfigError`` naming the allowed ones."""
+    spec = norm_spec(name, kind)
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        allowed = ", ".join(sorted(spec.defaults)) or "none"
+        raise ConfigError(f"norm {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    return dict(options)
+
+
+def norm_layer(name: str, kind: str | None = None, options: dict | None = None,
+               context: dict | None = None) -> Callable[..., nn.Module]:
+    """The ``norm_layer=`` callable for timm constructors; validates the name up front.
+
+    ``options`` override the entry's defaults; ``context`` holds what the backbone knows about
+    the place of the norm (``num_heads``), passed on to the entries that declare it.
+    """
     if kind is not None and (kind, name) not in NORMS and any((k, name) in NORMS for k in KINDS):
         other = next(k for k in KINDS if (k, name) in NORMS)
         raise ConfigError(
@@ -89,11 +113,13 @@ def norm_layer(name: str, kind: str | None = None) -> Callable[..., nn.Module]:
             f"{', '.join(list_norms(kind))}"
         )
     spec = norm_spec(name, kind)
+    fixed = check_norm_options(name, options or {}, spec.kind)
+    fixed.update({k: v for k, v in (context or {}).items() if k in spec.context})
 
     # A plain function, not functools.partial: timm's get_norm_layer drops a partial's
     # positional arguments when it rebinds keywords.
     def make_norm(dim: int, **kw) -> nn.Module:
-        return build_norm(name, dim, kind=spec.kind, **kw)
+        return build_norm(name, dim, kind=spec.kind, **{**fixed, **kw})
 
     make_norm.__name__ = make_norm.__qualname__ = f"norm_{name}"
     return make_norm

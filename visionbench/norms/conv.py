@@ -2,10 +2,12 @@
 
 Official code followed (read, not copied):
 
-- ``bcn_ws``: joe-siyuan-qiao/Batch-Channel-Normalization, ``README.md`` (classes ``BCNorm`` and
-  ``EstBN``, the micro-batch variant with estimated statistics) and
-  ``imagenet/models/layers.py`` (``Conv2d``: weight standardization; ``GN``: the channel
-  normalization part with one affine pair per group).
+- ``bcn_ws``: joe-siyuan-qiao/Batch-Channel-Normalization, ``imagenet/models/layers.py``
+  (``Conv2d``: weight standardization; ``BatchNorm2d`` -> ``GN``: a plain ``nn.BatchNorm2d``
+  on batch statistics, then the channel normalization with one affine pair per group), which
+  the ImageNet ResNets are built from: the default here. ``README.md`` (``BCNorm`` with
+  ``estimate=True``, ``EstBN``: the micro-batch variant with estimated statistics) is the
+  ``estimate=True`` option.
 - ``evonorm_b0`` / ``evonorm_s0``: the layers are timm's ``EvoNorm2dB0`` / ``EvoNorm2dS0``,
   checked against the reference ``evonorm`` of tensorflow/tpu
   ``models/official/resnet/resnet_model.py`` (eps 1e-5, moving-average decay 0.9, 32 groups
@@ -145,7 +147,7 @@ class BatchChannelNorm2d(nn.Module):
 
     def __init__(
         self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
-        momentum: float = 0.1, estimate: bool = True, *, device=None, dtype=None,
+        momentum: float = 0.1, estimate: bool = False, *, device=None, dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -171,17 +173,18 @@ class BatchChannelNorm2d(nn.Module):
     kind="conv",
     paper="Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
     arxiv="1903.10520",
-    formula="y = BN_est(x) = w_c (x - mu_hat_c) / sqrt(var_hat_c + eps) + b_c; "
+    formula="y = BN(x) = w_c (x - mu_c) / sqrt(var_c + eps) + b_c (batch statistics; "
+    "estimate=True: the micro-batch estimates mu_hat += r (mean_batch(x) - mu_hat), "
+    "var_hat += r (mean_batch((x - mu_hat)^2) - var_hat)); "
     "BCN(x) = gamma_g (y - mean_g(y)) / sqrt(var_g(y) + eps) + beta_g; "
-    "mu_hat += r (mean_batch(x) - mu_hat), var_hat += r (mean_batch((x - mu_hat)^2) - var_hat); "
     "convs use W_hat = (W - mean(W)) / sqrt(var(W) + 1e-5) per output filter",
-    defaults={"num_groups": 32, "eps": 1e-5, "momentum": 0.1, "estimate": True},
+    defaults={"num_groups": 32, "eps": 1e-5, "momentum": 0.1, "estimate": False},
     where="after every convolution of a ResNet in place of BatchNorm, with every convolution "
     "weight-standardized (create_resnet swaps each Conv2d for a WSConv2d)",
 )
 def _bcn_ws(
     dim: int, num_groups: int = 32, eps: float = 1e-5, momentum: float = 0.1,
-    estimate: bool = True, **kw,
+    estimate: bool = False, **kw,
 ) -> nn.Module:
     groups = math.gcd(num_groups, dim)  # narrow demo networks: as the catalog's groupnorm
     return BatchChannelNorm2d(

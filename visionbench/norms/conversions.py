@@ -34,7 +34,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d, LayerScale
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -441,14 +440,18 @@ class CenteredAffine(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _fakeln_group(name: str) -> str:
+    """``norm2`` (the official ``ln_2``), ``norm1`` (``ln_1``) or ``final`` (``ln_f``: every
+    other LayerNorm, e.g. the final ``norm`` or a classifier's ``fc_norm``)."""
+    leaf = name.rpartition(".")[2]
+    return leaf if leaf in ("norm2", "norm1") else "final"
+
+
 def _fakeln_order(names: list[str]) -> list[str]:
     """The official order: every ``ln_2`` (our ``norm2``) by depth, then every ``ln_1``
     (``norm1``), then the rest (the final norm) in module order."""
-    def group(name: str) -> int:
-        leaf = name.rpartition(".")[2]
-        return {"norm2": 0, "norm1": 1}.get(leaf, 2)
-
-    return sorted(names, key=group)  # sorted is stable: module order within a group
+    rank = {"norm2": 0, "norm1": 1, "final": 2}
+    return sorted(names, key=lambda n: rank[_fakeln_group(n)])  # stable: module order kept
 
 
 def attach_fakeln(model: nn.Module, momentum: float = 0.9) -> list[str]:
@@ -494,33 +497,52 @@ def calibrate_fakeln(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[
 
 
 class FakeLNSchedule:
-    """Which FakeLayerNorms are fake at which step: one more every ``gap`` steps from ``start``.
+    """Which FakeLayerNorms are fake at which step, on the official schedule.
 
-    The ``k``-th norm of ``order`` (default: :func:`attach_fakeln`'s order, all ``norm2`` by
-    depth, then all ``norm1``, then the final norm, as the official ``ln_removers`` run
-    ``ln_2``, ``ln_1``, ``ln_f``) turns fake at step ``start + k * gap``; ``gap=0`` fakes all at
-    ``start``. Call :meth:`step` once at the beginning of every training step (the official
-    ``on_step_begin``): it throws the switches due at the current step and returns their names.
+    submarat/removing-layer-norm ``config.py`` (``gpt2``: ``start_ln2 = 20`` = its lr
+    ``warmup_steps``, ``gap_ln2 = 2``, ``gap_ln1qk = 2``, ``gap_ln1v = 3``, ``gap_lnf = None``)
+    and ``train.py`` (``LNRemover``, ``ln_removers``): with ``L`` blocks,
 
-    Deviation: the official code fakes ``ln_1`` of GPT-2 twice, its q/k path then its v path, by
-    re-wiring attention; timm's fused ``qkv`` reads one input, so ``norm1`` turns fake whole.
+    - ``norm2`` of block ``i`` turns fake at ``start + i * gap_norm2``;
+    - the official q/k phase of ``ln_1`` follows (``L * gap_norm1_qk`` steps), then ``norm1`` of
+      block ``i`` turns fake at ``start + L * (gap_norm2 + gap_norm1_qk) + i * gap_norm1``;
+    - last, every other norm (the final ``norm`` / ``fc_norm``, the official ``ln_f``) turns fake
+      at once, at ``start + L * (gap_norm2 + gap_norm1_qk + gap_norm1)`` (``start_lnf``).
+
+    Gaps of 0 fake a whole group at its start. ``start`` should be the lr warmup's last step
+    (the official schedule starts as the warmup ends). Call :meth:`step` once at the beginning
+    of every optimizer step (the official ``on_step_begin``); it throws the switches due and
+    returns their names.
+
+    Deviation: the official code fakes GPT-2's ``ln_1`` in two steps, its q/k path (at
+    ``start_ln1qk + i * gap_ln1qk``) then its v path (``start_ln1v + i * gap_ln1v``), by
+    re-wiring attention. timm's fused ``qkv`` reads one input, so ``norm1`` turns fake whole, at
+    the official v step: the point where the official ``ln_1`` is entirely fake and its shared
+    std buffer stops following the running average.
     """
 
-    def __init__(self, model: nn.Module, start: int = 0, gap: int = 1,
-                 order: list[str] | None = None):
-        if start < 0 or gap < 0:
-            raise ValueError("start and gap must be >= 0")
+    def __init__(self, model: nn.Module, start: int = 0, gap_norm2: int = 2,
+                 gap_norm1_qk: int = 2, gap_norm1: int = 3):
+        if min(start, gap_norm2, gap_norm1_qk, gap_norm1) < 0:
+            raise ValueError("start and the gaps must be >= 0")
         norms = _fake_norms(model)
         if not norms:
             raise ValueError("no FakeLayerNorm in the model: call attach_fakeln(model) first")
-        self.order = list(order) if order is not None else _fakeln_order(list(norms))
-        unknown = set(self.order) - set(norms)
-        if unknown or len(set(self.order)) != len(self.order):
-            raise ValueError(f"order must name each FakeLayerNorm once; unknown: {sorted(unknown)}")
-        self.norms, self.start, self.gap, self.current = norms, start, gap, 0
+        self.norms, self.current = norms, 0
+        self.order = _fakeln_order(list(norms))
+        by_group: dict[str, list[str]] = {"norm2": [], "norm1": [], "final": []}
+        for name in self.order:
+            by_group[_fakeln_group(name)].append(name)
+        depth = max(len(by_group["norm2"]), len(by_group["norm1"]))
+        start_norm1 = start + depth * (gap_norm2 + gap_norm1_qk)
+        start_final = start_norm1 + depth * gap_norm1
+        self.steps = {name: start + i * gap_norm2 for i, name in enumerate(by_group["norm2"])}
+        self.steps.update({name: start_norm1 + i * gap_norm1
+                           for i, name in enumerate(by_group["norm1"])})
+        self.steps.update({name: start_final for name in by_group["final"]})
 
     def step_of(self, name: str) -> int:
-        return self.start + self.order.index(name) * self.gap
+        return self.steps[name]
 
     def fake_at(self, step: int) -> list[str]:
         """Names fake at ``step`` (in order), whatever the switches say now."""
@@ -544,7 +566,7 @@ class FakeLNSchedule:
 
     @property
     def last_step(self) -> int:
-        return self.start + (len(self.order) - 1) * self.gap
+        return max(self.steps.values())
 
 
 def _readers_of(model: nn.Module, name: str) -> list[nn.Linear] | None:
@@ -558,7 +580,8 @@ def _readers_of(model: nn.Module, name: str) -> list[nn.Linear] | None:
 
 
 @torch.no_grad()
-def remove_fake_layernorms(model: nn.Module, fold_into_linear: bool = True) -> nn.Module:
+def remove_fake_layernorms(model: nn.Module, fold_into_linear: bool = True,
+                           readers: dict[str, list[nn.Linear]] | None = None) -> nn.Module:
     """Remove every (fake) FakeLayerNorm, in place, without changing the function; returns it.
 
     A fake norm is affine: ``(x - mean(x)) * (gamma / std) + beta``. The official
@@ -567,8 +590,10 @@ def remove_fake_layernorms(model: nn.Module, fold_into_linear: bool = True) -> n
     exactly: where a timm ``Block`` says which linears read it (``norm1`` -> ``attn.qkv``,
     ``norm2`` -> ``mlp.fc1``) and ``fold_into_linear``, centering, ``1 / std``, ``gamma`` and
     ``beta`` fold into those linears (``W' = W diag(gamma / std) (I - 11^T / d)``,
-    ``b' = b + W beta``) and the norm becomes ``nn.Identity``; any other norm (the final one)
-    becomes :class:`CenteredAffine`. Raises if a norm is still real.
+    ``b' = b + W beta``) and the norm becomes ``nn.Identity``. ``readers`` names the linears
+    that read any other norm alone (e.g. ``{"fc_norm": [head]}``: a classifier's head reads its
+    pooled, normed features), which fold the same way; a norm no linear reads (a headless
+    model's final norm) becomes :class:`CenteredAffine`. Raises if a norm is still real.
     """
     norms = _fake_norms(model)
     real = [n for n, m in norms.items() if not m.fake]
@@ -577,12 +602,13 @@ def remove_fake_layernorms(model: nn.Module, fold_into_linear: bool = True) -> n
     for name, norm in norms.items():
         gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(norm.std)
         scale = gamma / norm.std
-        readers = _readers_of(model, name) if fold_into_linear else None
-        if readers is None:
+        known = (readers or {}).get(name) or _readers_of(model, name)
+        readers_here = known if fold_into_linear else None
+        if readers_here is None:
             _replace_module(model, name, CenteredAffine(scale.expand(norm.dim), norm.bias))
             continue
         beta = norm.bias.detach() if norm.bias is not None else torch.zeros_like(scale)
-        for lin in readers:
+        for lin in readers_here:
             w = lin.weight.detach()
             bias = w @ beta.expand(norm.dim).to(w.dtype)
             if lin.bias is not None:
@@ -617,12 +643,23 @@ class AlphaBatchNorm(nn.Module):
         self.alpha = _check_alpha(alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable in ``x`` through the batch statistics (test-time adaptation trains
+        through them), so the normalization is written out rather than passed to
+        ``F.batch_norm`` as running statistics, which must not carry a gradient."""
         bn = self.bn
         dims = [0, *range(2, x.dim())]
-        var_t, mu_t = torch.var_mean(x, dim=dims, correction=0)
-        mu = self.alpha * bn.running_mean + (1 - self.alpha) * mu_t
-        var = self.alpha * bn.running_var + (1 - self.alpha) * var_t
-        return F.batch_norm(x, mu, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(compute)
+        var_t, mu_t = torch.var_mean(xc, dim=dims, correction=0)
+        mu = self.alpha * bn.running_mean.to(compute) + (1 - self.alpha) * mu_t
+        var = self.alpha * bn.running_var.to(compute) + (1 - self.alpha) * var_t
+        y = (xc - mu.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+        if bn.weight is not None:
+            y = y * bn.weight.to(compute).view(shape)
+        if bn.bias is not None:
+            y = y + bn.bias.to(compute).view(shape)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"

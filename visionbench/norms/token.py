@@ -25,6 +25,8 @@ from torch.utils.hooks import RemovableHandle
 
 from visionbench.norms.catalog import factory_kwargs, register_norm
 
+LR_WARMUP = "lr_warmup"  # PowerNorm's warmup_iters taken from the fit's lr warmup
+
 __all__ = [
     "ChannelAffine",
     "DynamicTanh",
@@ -162,24 +164,32 @@ class PowerNorm(_StepCounter):
 
     Eval mode: group scaling, then ``weight * x / sqrt(running_phi + eps) + bias``.
 
-    Deviation (``grad_scale="paper"``, the default): the official backward divides by the batch
-    statistic, ``sqrt(var + eps)``, even after warmup when the forward divided by
-    ``sqrt(running_phi + eps)``; Algorithm 2 of the paper divides the gradient by the same
-    ``psi_{t-1}`` the forward used. We follow the paper; ``grad_scale="official"`` reproduces the
-    official code. The official ``affine`` flag is ignored there (weight and bias always exist);
-    here too. ``group_num`` defaults to 1 (the module default); the fairseq models pass the number
-    of attention heads and ``warmup_iters`` = the learning-rate warmup updates.
+    ``grad_scale="official"`` (the default) is the code behind the published numbers: its
+    backward divides by the batch statistic, ``sqrt(var + eps)``, even after warmup when the
+    forward divided by ``sqrt(running_phi + eps)``. ``grad_scale="paper"`` follows Algorithm 2
+    of the paper instead, which divides the gradient by the same ``psi_{t-1}`` the forward
+    used. The official ``affine`` flag is ignored there (weight and bias always exist); here
+    too. The class defaults are ``MaskPowerNorm``'s (``group_num=1``, ``warmup_iters=10000``);
+    the catalog entry takes what fairseq passes (``fairseq/modules/norm_select.py``, called from
+    ``transformer_layer.py`` with ``args.encoder_attention_heads, args.warmup_updates``):
+    ``group_num`` = the head count of the attention the norm sits in, and ``warmup_iters`` =
+    the learning-rate warmup, ``"lr_warmup"``, which ``NormSchedules`` turns into the fit's
+    warmup forwards when training starts.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
-                 alpha_bkw: float = 0.9, warmup_iters: int = 10000, group_num: int = 1,
-                 grad_scale: str = "paper", device=None, dtype=None) -> None:
+                 alpha_bkw: float = 0.9, warmup_iters: int | str = 10000, group_num: int = 1,
+                 grad_scale: str = "official", device=None, dtype=None) -> None:
         super().__init__()
         if dim % group_num:
             raise ValueError(f"powernorm: group_num={group_num} does not divide dim={dim}")
         if grad_scale not in ("paper", "official"):
             raise ValueError(f"powernorm: grad_scale={grad_scale!r}; expected 'paper' or "
                              "'official'")
+        if not (warmup_iters == LR_WARMUP or (isinstance(warmup_iters, int)
+                                              and warmup_iters >= 0)):
+            raise ValueError(f"powernorm: warmup_iters={warmup_iters!r}; expected a count of "
+                             f"steps or {LR_WARMUP!r}")
         fk = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.group_eps = dim, eps, 1e-5
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
@@ -205,6 +215,10 @@ class PowerNorm(_StepCounter):
         x = self._group_scale(x.to(_compute_dtype(x)))
         if not self.training:
             return x / (self.running_phi + self.eps).sqrt() * self.weight + self.bias
+        if self.warmup_iters == LR_WARMUP:
+            raise RuntimeError("powernorm: warmup_iters='lr_warmup' is set from the lr warmup "
+                               "when a fit starts (visionbench.norms.schedules.NormSchedules); "
+                               "pass a number of steps to train the layer on its own")
         rows = x.reshape(-1, self.num_features)
         with torch.no_grad():
             valid = rows if pad_mask is None else x[~pad_mask]
@@ -392,15 +406,26 @@ class PRepBN(nn.Module):
     by the hook that ``attach_prepbn_schedule`` registers (gradient accumulation, skipped AMP steps
     and extra forwards do not advance it). ``step`` and ``total_steps`` are buffers, so a state
     dict resumes the schedule. Defaults as the official ``LinearNorm``: ``total_steps=300000``
-    (SLAB-DeiT uses 60000), ``warmup_steps=0``, ``r0=1``, LayerNorm eps 1e-6, BN eps 1e-5.
+    (``deit.py``; SLAB-DeiT and SLAB-Swin use 60000), ``warmup_steps=0``, ``r0=1``, LayerNorm
+    eps 1e-6, BN eps 1e-5. The official runs are 300 epochs of 1251 steps (batch 1024), so
+    lambda reaches 0 at 80% (300000 / 375300) and 16% (60000) of training: the network then
+    trains as pure RepBN before it is evaluated. ``decay_fraction`` gives the decay length as
+    that fraction of a fit's optimizer steps instead; ``NormSchedules`` sets ``total_steps``
+    from it when the fit starts.
     """
 
     def __init__(self, dim: int, total_steps: int = 300000, warmup_steps: int = 0,
                  r0: float = 1.0, ln_eps: float = 1e-6, eps: float = 1e-5,
-                 momentum: float = 0.1, device=None, dtype=None) -> None:
+                 momentum: float = 0.1, decay_fraction: float | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
+        if decay_fraction is not None and not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"prepbn: decay_fraction={decay_fraction}; expected a fraction of "
+                             "the fit's steps in (0, 1]")
+        if int(total_steps) < 1:
+            raise ValueError(f"prepbn: total_steps={total_steps}; expected >= 1")
         fk = {"device": device, "dtype": dtype}
-        self.r0, self.warmup_steps = r0, warmup_steps
+        self.r0, self.warmup_steps, self.decay_fraction = r0, warmup_steps, decay_fraction
         self.ln = nn.LayerNorm(dim, eps=ln_eps, **fk)
         self.repbn = RepBN(dim, eps=eps, momentum=momentum, **fk)
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
@@ -408,7 +433,8 @@ class PRepBN(nn.Module):
                              torch.tensor(int(total_steps), dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
-        return f"r0={self.r0}, warmup_steps={self.warmup_steps}"
+        return (f"r0={self.r0}, warmup_steps={self.warmup_steps}, "
+                f"decay_fraction={self.decay_fraction}")
 
     def lam(self) -> torch.Tensor:
         """The current LayerNorm weight ``lambda`` (a 0-dim float tensor, no device sync)."""
@@ -570,13 +596,18 @@ def _token_batchnorm(dim: int, eps: float = 1e-5, momentum: float = 0.1, **kw) -
     "psi_t^2 = alpha_fwd * psi_{t-1}^2 + (1 - alpha_fwd) * mean_{B,N}(x^2) (batch quadratic "
     "mean while t <= warmup); approximate backward dL/dx = (g - nu_{t-1} z) / psi_{t-1}, "
     "nu_t = nu_{t-1} + (1 - alpha_bkw) * mean(z * (g - nu_{t-1} z))",
-    defaults={"eps": 1e-5, "alpha_fwd": 0.9, "alpha_bkw": 0.9, "warmup_iters": 10000,
-              "group_num": 1, "grad_scale": "paper"},
+    defaults={"eps": 1e-5, "alpha_fwd": 0.9, "alpha_bkw": 0.9, "warmup_iters": "lr_warmup",
+              "group_num": "heads", "grad_scale": "official"},
     where="in place of LayerNorm in Transformer blocks (the paper: encoder of a translation "
-    "Transformer); " + _TOKEN_PLACES,
+    "Transformer); " + _TOKEN_PLACES + "; group_num 'heads' = the attention's head count, "
+    "warmup_iters 'lr_warmup' = the fit's lr warmup, as fairseq passes them",
+    context=("num_heads",),
 )
-def _powernorm(dim: int, **kw) -> nn.Module:
-    return PowerNorm(dim, **factory_kwargs(kw), **kw)
+def _powernorm(dim: int, group_num: int | str = "heads", num_heads: int | None = None,
+               **kw) -> nn.Module:
+    if group_num == "heads":  # without a head count (a norm built on its own): one group
+        group_num = num_heads or 1
+    return PowerNorm(dim, group_num=group_num, **factory_kwargs(kw), **kw)
 
 
 @register_norm(
@@ -604,9 +635,10 @@ def _unified(dim: int, **kw) -> nn.Module:
     arxiv="2405.11582",
     formula="train: lambda * LN(x) + (1 - lambda) * (BN(x) + alpha * x), lambda = r0 * max(0, "
     "1 - t / T) over optimizer steps t; eval: BN(x) + alpha * x (foldable into the next Linear)",
-    defaults={"total_steps": 300000, "warmup_steps": 0, "r0": 1.0, "ln_eps": 1e-6, "eps": 1e-5,
-              "momentum": 0.1},
-    where=_TOKEN_PLACES + "; call attach_prepbn_schedule(model, optimizer, total_steps)",
+    defaults={"total_steps": 300000, "decay_fraction": None, "warmup_steps": 0, "r0": 1.0,
+              "ln_eps": 1e-6, "eps": 1e-5, "momentum": 0.1},
+    where=_TOKEN_PLACES + "; T = total_steps, or decay_fraction of the fit's optimizer steps "
+    "(every training stage attaches the schedule, visionbench.norms.schedules.NormSchedules)",
 )
 def _prepbn(dim: int, **kw) -> nn.Module:
     return PRepBN(dim, **factory_kwargs(kw), **kw)

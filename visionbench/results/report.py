@@ -44,16 +44,22 @@ _HEADER_FIELDS = (
 )  # fmt: skip
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``run_dir/report.md`` and its figures; returns the report's path."""
+def write_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
+    """Write ``run_dir/report.md`` and its figures; returns the report's path.
+
+    ``metrics`` is the record the runner is about to write as ``metrics.json`` (the report is
+    written before it, so that ``metrics.json`` stays the last record of a run); without it
+    the report reads ``metrics.json`` when there is one.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
-    has_metrics = (run_dir / "metrics.json").is_file()
+    has_metrics = metrics is not None or (run_dir / "metrics.json").is_file()
     if not has_metrics and not (run_dir / "evals").is_dir() and not (
             run_dir / "status.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no metrics.json, evals/ or status.json)")
-    metrics = read_metrics(run_dir) if has_metrics else {}
+    if metrics is None:
+        metrics = read_metrics(run_dir) if has_metrics else {}
     evals = _read_evals(run_dir)
 
     generated: list[str] = []
@@ -185,7 +191,8 @@ def _probe_section(run_dir: Path, init: str, probe: dict, generated: list[str]) 
     lines = [
         f"## Linear probe: init `{init}`", "",
         f"- Best learning rate: {_md(best.get('lr', '–'))}, "
-        f"weight decay: {_md(best.get('weight_decay', '–'))}",
+        f"weight decay: {_md(best.get('weight_decay', '–'))}"
+        + (f" ({_best_position(probe)})" if probe.get("best_position") else ""),
         f"- Test top-1: **{_pct(probe.get('test_top1'))}**, "
         f"top-5: {_pct(probe.get('test_top5'))}",
         "",
@@ -210,6 +217,18 @@ def _probe_section(run_dir: Path, init: str, probe: dict, generated: list[str]) 
                 generated.append(name)
                 lines += [f"![Per-class test accuracy, init {init}]({FIGURES_DIR}/{name})", ""]
     return lines
+
+
+def _best_position(probe: dict) -> str:
+    """Where the best lies in the grid, and the extensions that moved the edge."""
+    position = str(probe["best_position"])
+    text = "inside the grid" if position == "interior" else f"on the grid's {position}"
+    extensions = probe.get("extensions") or []
+    if extensions:
+        text += f", after {len(extensions)} extension(s) of the grid past its edge"
+        if position != "interior":
+            text += " (the bound): a wider grid may do better"
+    return text
 
 
 def _knn_section(init: str, knn: dict) -> list[str]:

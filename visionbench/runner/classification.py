@@ -21,12 +21,14 @@ from visionbench.evals.knn import knn_protocol
 from visionbench.evals.linear_probe import linear_probe_sweep
 from visionbench.methods import build_method
 from visionbench.methods.mae import MAE
+from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_reconstruction_figure
 from visionbench.results.records import atomic_write_json, read_json
 from visionbench.runner.core import (
     EMBEDDED,
     ENCODER_FILE,
     Run,
+    accumulation,
     build_encoder,
     fit_stage,
     save_encoder,
@@ -35,7 +37,8 @@ from visionbench.runner.core import (
 # -- stages -----------------------------------------------------------------------------------
 
 
-def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None):
+def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None,
+               auto_augment: str | None = None, reprob: float = 0.0):
     d = run.cfg.data
     if d.root is None:
         if d.dataset not in EMBEDDED:
@@ -63,6 +66,8 @@ def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None)
         test_fraction=d.test_fraction,
         seed=run.cfg.seed,
         train_kind=train_kind,
+        auto_augment=auto_augment,
+        reprob=reprob,
     )
     dm.setup()
     return dm
@@ -80,7 +85,8 @@ def pretrain_stage(run: Run, dm) -> None:
         run.log(model.load_official(p.official_weights))
     fit_stage(run, model, dm, run.dir, epochs=p.epochs,
               checkpoint_every_n_steps=p.checkpoint_every_n_steps,
-              val_every_n_epochs=p.val_every_n_epochs)
+              val_every_n_epochs=p.val_every_n_epochs,
+              effective_batch_size=p.effective_batch_size)
     save_encoder(model.encoder, encoder_file)
     if isinstance(model, MAE):
         reconstruction_figure(run, model, dm)
@@ -109,12 +115,17 @@ def init_name(run: Run, init: str) -> str:
     return run.entry.method
 
 
-def evaluation_backbone(run: Run, init: str, drop_path_rate: float = 0.0) -> torch.nn.Module:
+def evaluation_backbone(run: Run, init: str, drop_path_rate: float = 0.0,
+                        finetune: bool = False) -> torch.nn.Module:
+    """The backbone of ``init``; for fine-tuning its position embedding is trainable, as
+    MAE's ``models_vit.py`` (a plain timm ViT) fine-tunes the pretrained sin-cos values."""
     backbone = build_encoder(run, drop_path_rate)
     if init == "pretrained":
         path = run.cfg.model.weights or run.dir / "checkpoints" / ENCODER_FILE
         report = load_backbone_weights(backbone, path, strict=run.cfg.model.weights is None)
         run.log(report.summary())
+    if finetune and getattr(backbone, "pos_embed", None) is not None:
+        backbone.pos_embed.requires_grad_(True)
     return backbone
 
 
@@ -150,18 +161,23 @@ def eval_stage(run: Run, init: str, dm) -> None:
     ft = e.finetune
     if ft.enabled and not (out / "finetune.json").is_file():
         run.log(f"[{name}] fine-tune, {ft.epochs} epochs")
-        ft_dm = datamodule(run, train_kind="finetune", batch_size=ft.batch_size)
-        backbone = evaluation_backbone(run, init, ft.drop_path_rate)
+        ft_dm = datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
+                           auto_augment=ft.auto_augment, reprob=ft.reprob)
+        backbone = evaluation_backbone(run, init, ft.drop_path_rate, finetune=True)
+        accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
+                                  "eval.finetune.effective_batch_size")
         result = run_finetune(
             backbone,
             ft_dm.train_dataloader(),
             ft_dm.val_dataloader(),
             ft_dm.test_dataloader(),
             ft_dm.num_classes,
-            {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate"}),
+            {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
+                                      "effective_batch_size", "auto_augment", "reprob"}),
              "seed": run.cfg.seed},
-            run.trainer_kwargs(distributed=False),
+            {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
             out / "finetune_logs",
+            callbacks=(NormSchedules(run.log),),
         )
         atomic_write_json(out / "finetune.json", result)
 
@@ -180,7 +196,12 @@ def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:
         warmup_epochs=p.warmup_epochs,
         seed=run.cfg.seed,
         classes=dm.classes,
+        max_extensions=p.max_extensions,
     )
+    for extension in probe["extensions"]:
+        run.log(f"linear probe: best on the grid's edge ({', '.join(extension['edges'])}); "
+                f"extended by lrs {extension['added_lrs']}, weight decays "
+                f"{extension['added_weight_decays']}")
     atomic_write_json(out / "linear_probe.json", probe)
     return probe
 

@@ -26,7 +26,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from visionbench.backbones import create_backbone
 from visionbench.config import ExperimentConfig, to_dict, validate
-from visionbench.errors import ConfigError, UserError, one_line
+from visionbench.errors import ConfigError, DataError, UserError, one_line
+from visionbench.methods.schedule import ensure_trained
+from visionbench.norms.schedules import NormSchedules
 from visionbench.registry import Experiment, get_experiment
 from visionbench.results.leaderboard import append_run
 from visionbench.results.records import (
@@ -37,6 +39,7 @@ from visionbench.results.records import (
     make_run_id,
     read_json,
 )
+from visionbench.results.report import write_report
 
 RUN_DIR_ENV = "VISIONBENCH_RUN_DIR"  # lets DDP worker processes find their parent's run folder
 ENCODER_FILE = "encoder.safetensors"
@@ -96,18 +99,44 @@ def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
     return kw
 
 
-def check_trainer_settings(cfg: ExperimentConfig) -> None:
+def check_trainer_settings(cfg: ExperimentConfig) -> int:
     """Lightning's verdict on accelerator/devices/strategy/precision, before anything is
-    written: a bad combination is a one-line ConfigError, not a traceback mid-run."""
+    written: a bad combination is a one-line ConfigError, not a traceback mid-run. Returns the
+    world size (processes x nodes) the distributed stages train on."""
     try:
-        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, **trainer_kwargs(cfg, distributed=True))
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, **trainer_kwargs(cfg, distributed=True))
     except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
         t = cfg.trainer
         raise ConfigError(
             f"trainer (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
             f"precision={t.precision or default_precision()}): {one_line(err)}"
         ) from None
+    return int(trainer.world_size)
+
+
+def accumulation(effective: int | None, batch: int, world: int, key: str) -> int:
+    """Gradient-accumulation steps that make ``batch`` x ``world`` x steps = ``effective``
+    (the paper's batch on any device count); 1 without an effective batch."""
+    if effective is None:
+        return 1
+    per_step = batch * world
+    if effective % per_step:
+        raise ConfigError(
+            f"{key}: {effective} is not a multiple of the batch per step, {batch} per device x "
+            f"{world} device(s) = {per_step}; pick a batch size that divides it")
+    return effective // per_step
+
+
+def check_effective_batches(cfg: ExperimentConfig, world: int) -> None:
+    """Every effective batch the config asks for divides into accumulation steps."""
+    p, d = cfg.pretrain, cfg.data
+    accumulation(p.effective_batch_size, d.batch_size, world, "pretrain.effective_batch_size")
+    ft = cfg.eval.finetune
+    accumulation(ft.effective_batch_size, ft.batch_size, 1, "eval.finetune.effective_batch_size")
+    if cfg.unip is not None:
+        accumulation(cfg.unip.distill.effective_batch_size, d.batch_size, 1,
+                     "unip.distill.effective_batch_size")
 
 
 def utc_now() -> str:
@@ -187,7 +216,8 @@ def build_encoder(run: Run, drop_path_rate: float = 0.0, model=None) -> torch.nn
         kwargs["drop_path_rate"] = drop_path_rate
     L.seed_everything(run.cfg.seed, workers=True, verbose=False)
     try:
-        return create_backbone(m.backbone, norm=m.norm, placement=m.placement, **kwargs)
+        return create_backbone(m.backbone, norm=m.norm, placement=m.placement,
+                               norm_options=m.norm_options.get(m.norm), **kwargs)
     except TypeError as err:
         raise ConfigError(f"model.backbone_kwargs: {err}") from None
 
@@ -204,6 +234,20 @@ def resume_checkpoint(ckpt_dir: Path) -> str | None:
     return next((str(path) for path in candidates if zipfile.is_zipfile(path)), None)
 
 
+def fit_batch_size(run: Run, count: int, batch_size: int, label: str) -> int:
+    """The batch a training stage can use on ``count`` samples: ``batch_size``, or all of them
+    when there are fewer (said in the log), so no stage trains zero optimizer steps. Fewer than
+    two samples is a DataError (batch statistics need two)."""
+    if count >= batch_size:
+        return batch_size
+    if count < 2:
+        raise DataError(f"{label}: the training set holds {count} sample(s); a training stage "
+                        f"needs at least 2 (batch size {batch_size})")
+    run.log(f"{label}: the training set holds {count} samples, fewer than the batch size "
+            f"{batch_size}: training with batches of {count}")
+    return count
+
+
 def fit_stage(
     run: Run,
     module: L.LightningModule,
@@ -216,9 +260,29 @@ def fit_stage(
     callbacks: tuple = (),
     distributed: bool = True,
     label: str = "pretraining",
+    effective_batch_size: int | None = None,
+    effective_key: str = "pretrain.effective_batch_size",
 ) -> L.Trainer:
     """``trainer.fit`` with step checkpoints in ``out_dir/checkpoints`` (resumed from the newest
-    whole one), CSV logs in ``out_dir/logs``; DDP workers leave after fitting."""
+    whole one), CSV logs in ``out_dir/logs``; DDP workers leave after fitting.
+
+    ``effective_batch_size`` becomes gradient accumulation over the datamodule's batch and the
+    world size (the lr follows the effective batch, as ``main_pretrain.py`` computes it). A
+    training set smaller than one batch trains on all of it in one batch (said in the log);
+    a fit that still ran no optimizer step is an error, never a finished stage.
+    """
+    train_size = len(dm.train_dataloader().dataset)
+    batch = fit_batch_size(run, train_size, dm.batch_size, label)
+    if batch != dm.batch_size:
+        dm.batch_size = batch
+        if hasattr(module, "batch_size"):
+            module.batch_size = batch
+    kwargs = run.trainer_kwargs(distributed=distributed)
+    world = check_trainer_settings(run.cfg) if distributed else 1
+    accumulate = accumulation(effective_batch_size, dm.batch_size, world, effective_key)
+    if accumulate > 1:
+        run.log(f"{label}: effective batch {dm.batch_size * world * accumulate} = "
+                f"{dm.batch_size} x {world} device(s) x {accumulate} accumulation steps")
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -232,16 +296,18 @@ def fit_stage(
         max_epochs=epochs,
         default_root_dir=out_dir,
         logger=L.pytorch.loggers.CSVLogger(out_dir / "logs", name="pretrain", version=""),
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, NormSchedules(run.log), *callbacks],
         log_every_n_steps=5,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every_n_epochs,
-        **run.trainer_kwargs(distributed=distributed),
+        accumulate_grad_batches=accumulate,
+        **kwargs,
     )
     resume = resume_checkpoint(ckpt_dir)
     if resume:
         run.log(f"resuming {label} from {resume}")
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    ensure_trained(trainer, label)
     if not trainer.is_global_zero:
         raise SystemExit(0)  # DDP workers stop here; rank 0 evaluates on one device
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -288,6 +354,7 @@ def finish(run: Run, results: list[dict], wall_s: float, leaderboard: Path | Non
         "status": "finished",
         "results": results,
     }
+    write_report(run.dir, metrics)  # with the final status and numbers, before the last record
     atomic_write_json(run.dir / "metrics.json", metrics)
     run.mark("metrics", status="finished", finished=metrics["timestamp"])
     if leaderboard is not None:
@@ -311,12 +378,11 @@ def execute(
     """
     import time
 
-    from visionbench.results.report import write_report
     from visionbench.runner import PIPELINES, PREFLIGHTS
 
     entry = get_experiment(name)
     if cfg is not None:
-        check_trainer_settings(cfg)
+        check_effective_batches(cfg, check_trainer_settings(cfg))
         if entry.pipeline in PREFLIGHTS:  # bad data is reported before a run folder exists
             PREFLIGHTS[entry.pipeline](cfg)
     run = open_run(resume, name, log) if resume else create_run(entry, cfg, out, log)
@@ -326,7 +392,6 @@ def execute(
     run.wall = lambda: wall_before + time.time() - started
     try:
         results, epochs = PIPELINES[entry.pipeline](run)
-        write_report(run.dir)  # metrics.json stays the last record written
         finish(run, results, run.wall(), leaderboard, epochs)
     except SystemExit:
         raise

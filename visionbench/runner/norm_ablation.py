@@ -30,6 +30,7 @@ from visionbench.evals.features import cached_features
 from visionbench.evals.supervised import run_supervised
 from visionbench.methods.mae import MAE
 from visionbench.norms.conversions import convert_to_crmsnorm
+from visionbench.norms.schedules import NormSchedules
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
@@ -129,7 +130,7 @@ def conv_entry(run: Run, norm: str) -> dict:
         dm.num_classes,
         {"lr": c.lr * c.batch_size / 256, "momentum": c.momentum,
          "weight_decay": c.weight_decay, "warmup_epochs": c.warmup_epochs, "epochs": c.epochs},
-        run.trainer_kwargs(distributed=False), out, callbacks=(monitor,),
+        run.trainer_kwargs(distributed=False), out, callbacks=(monitor, NormSchedules(run.log)),
     )
     record = {"norm": norm, "backbone": c.backbone, "train_s": round(time.time() - started, 1)}
     if monitor.diverged_at is not None:

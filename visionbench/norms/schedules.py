@@ -1,0 +1,71 @@
+"""Norm layers whose behaviour follows the training schedule, bound to each fit.
+
+Two catalog entries change with the step of the training they are in, as their official code
+sets them from the run's own schedule:
+
+- ``prepbn`` (xinghaochen/SLAB ``classification/models/prepbn.py``): lambda decays from 1 to 0
+  over ``total_steps`` optimizer steps; with ``decay_fraction`` the length is that fraction of
+  the fit's optimizer steps (the official 300000 of 375300 DeiT steps is 0.8).
+- ``powernorm`` (sIncerass/powernorm ``fairseq/modules/norm_select.py``): ``warmup_iters`` is
+  fairseq's ``args.warmup_updates``, the lr warmup; ``"lr_warmup"`` takes the fit's.
+
+``NormSchedules`` is a Lightning callback that every training stage (pretraining, fine-tune,
+supervised training, segmentation) attaches. When the fit starts it sets those lengths on the
+layers that have not started their schedule yet (a resumed fit, or a pretrained encoder being
+fine-tuned, keeps its own), and it advances PRepBN after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from torch import nn
+
+from visionbench.norms.token import LR_WARMUP, PowerNorm, attach_prepbn_schedule, prepbn_layers
+
+
+def lr_warmup_steps(pl_module: L.LightningModule) -> int:
+    """The module's lr warmup in optimizer steps (``lr_warmup_steps()``), 0 without one."""
+    method = getattr(pl_module, "lr_warmup_steps", None)
+    return max(0, int(method())) if callable(method) else 0
+
+
+def set_fit_lengths(model: nn.Module, optimizer_steps: int, warmup_forwards: int) -> list[str]:
+    """Give the not-yet-started schedule norms of ``model`` this fit's lengths; returns what
+    was set, one line per kind, for the log."""
+    notes = []
+    fresh = [m for m in prepbn_layers(model) if int(m.step) == 0 and m.decay_fraction]
+    if fresh:
+        total = max(1, round(fresh[0].decay_fraction * optimizer_steps))
+        for m in fresh:
+            m.total_steps.fill_(max(1, round(m.decay_fraction * optimizer_steps)))
+        notes.append(f"prepbn: lambda reaches 0 after {total} of {optimizer_steps} optimizer "
+                     f"steps (decay_fraction {fresh[0].decay_fraction})")
+    waiting = [m for m in model.modules()
+               if isinstance(m, PowerNorm) and m.warmup_iters == LR_WARMUP]
+    for m in waiting:
+        m.warmup_iters = warmup_forwards
+    if waiting:
+        notes.append(f"powernorm: warmup_iters = the lr warmup, {warmup_forwards} forwards")
+    return notes
+
+
+class NormSchedules(L.Callback):
+    """Binds PRepBN's decay and PowerNorm's warmup to the fit they train in."""
+
+    def __init__(self, log=None) -> None:
+        self._log = log  # not ``log``: Lightning gives callbacks the module's ``log``
+        self._handle = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = int(trainer.estimated_stepping_batches)
+        forwards = lr_warmup_steps(pl_module) * trainer.accumulate_grad_batches
+        for note in set_fit_lengths(pl_module, steps, forwards):
+            if self._log is not None:
+                self._log(note)
+        if prepbn_layers(pl_module):
+            self._handle = attach_prepbn_schedule(pl_module, trainer.optimizers[0])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
