@@ -23,14 +23,14 @@ TOY = [
     "--set", "eval.linear_probe.epochs=3",
     "--set", "eval.linear_probe.batch_size=32",
     "--set", "ablation.stats_steps=[0, 3]",
-    "--set", "ablation.conv.norms=[groupnorm]",
+    "--set", "ablation.conv.norms=[groupnorm, evonorm_b0]",
     "--set", "ablation.conv.epochs=1",
     "--set", "ablation.conv.batch_size=32",
     "--set", "ablation.throughput={norms: [layernorm, prepbn], batch_size: 8, iterations: 2, "
              "warmup: 1}",
     "--set", "ablation.entries=[{norm: layernorm, placement: pre}, {norm: dyt},"
-             " {norm: layernorm, placement: mix}, {norm: layernorm, placement: post,"
-             " pretrain: {blr: 1.0e+30}}]",
+             " {norm: prepbn}, {norm: layernorm, placement: mix},"
+             " {norm: layernorm, placement: post, pretrain: {blr: 1.0e+30}}]",
 ]  # fmt: skip
 
 
@@ -52,8 +52,17 @@ def test_norm_ablation_records_every_entry_and_a_divergence(tmp_path):
     assert list(zip(diverged.norm, diverged.placement, strict=True)) == [("layernorm", "post")]
     assert diverged.value.iloc[0] >= 1  # the first update blows the weights up, not step 0
     supervised = rows[(rows.protocol == "supervised") & (rows.metric == "top1")]
-    assert list(supervised.norm) == ["groupnorm"]
-    assert list(supervised.backbone) == ["resnet18"]
+    # like with like: EvoNorm's BN-ReLU baseline is the same pre-activation ResNetV2
+    assert set(zip(supervised.backbone, supervised.norm, strict=True)) == {
+        ("resnet18", "groupnorm"), ("resnetv2_18", "evonorm_b0"), ("resnetv2_18", "batchnorm")}
+
+    # PRepBN's lambda reached 0 at the demo's fraction (0.8) of the entry's optimizer steps
+    from safetensors.torch import load_file
+
+    prepbn = load_file(run / "entries" / "prepbn-pre" / "encoder.safetensors")
+    steps = int(prepbn["blocks.0.norm1.step"])
+    assert steps == 2 * (100 // 32)  # 2 epochs of 3 full batches of the 100 training images
+    assert int(prepbn["blocks.0.norm1.total_steps"]) == round(0.8 * steps)
 
     post = json.loads((run / "entries" / "layernorm-post" / "result.json").read_text())
     assert post["status"] == "diverged" and post["diverged_at_step"] >= 1

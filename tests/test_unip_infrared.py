@@ -64,10 +64,26 @@ def test_unip_infrared_runs_every_stage_and_records_three_students(tmp_path):
 def test_paper_profile_reads_the_segmentation_sets_from_data_root(tmp_path):
     with pytest.raises(ConfigError, match="--data-root"):
         resolve_config("unip-infrared", "paper")
-    cfg = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)})
+    with pytest.raises(ConfigError, match="unip.teacher.weights: the teacher is a local"):
+        resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)})
+    teacher = tmp_path / "mae_pretrain_vit_large.pth"
+    teacher.write_bytes(b"")
+    cfg = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path),
+                                                          "unip.teacher.weights": str(teacher)})
     assert cfg.unip.segmentation.datasets == ["soda", "mfnet", "scut-seg"]
     assert cfg.unip.teacher.layer == 17  # MAE-L block 18 (1-based), as the paper
     assert cfg.unip.distill.epochs == 100 and cfg.unip.distill.blr == 1.5e-4
+    assert cfg.unip.distill.effective_batch_size == 4096  # lr 1.5e-4 x 4096 / 256 = 2.4e-3
+    schedules = {k: (v.max_steps, v.warmup_steps)
+                 for k, v in cfg.unip.segmentation.schedules.items()}
+    assert schedules == {"soda": (14400, 1500), "mfnet": (9800, 1000),
+                         "scut-seg": (16800, 1700)}
+    assert cfg.unip.segmentation.finetune.layer_scale == 1.0
+    assert cfg.unip.segmentation.cat_max_ratio == 0.75 and cfg.unip.segmentation.photometric
+    # pretraining a teacher in the run stays an explicit option
+    made_here = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)},
+                               sets=["unip.teacher.source=pretrain"])
+    assert made_here.unip.teacher.weights is None
 
 
 def test_nmi_thresholds_must_be_ordered():
@@ -91,6 +107,12 @@ def test_missing_segmentation_set_is_one_line_before_any_run_folder(tmp_path):
     out = tmp_path / "runs"
     result = visionbench("run", "unip-infrared", "--profile", "paper", "--data-root", str(data),
                          "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2  # no teacher checkpoint: one line, before anything else
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unip.teacher.weights" in lines[0], result.stderr
+    result = visionbench("run", "unip-infrared", "--profile", "paper", "--data-root", str(data),
+                         "--set", "unip.teacher.source=pretrain", "--out", str(out),
+                         cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no folder 'SODA'" in lines[0], result.stderr

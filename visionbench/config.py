@@ -251,18 +251,34 @@ class AblationEntry(Strict):
         return f"{self.norm}/{self.placement}"
 
 
-class ConvAblationConfig(Strict):
-    """Supervised ResNets from scratch, one per conv norm (the conv-norm papers' protocol)."""
+class SupervisedConfig(Strict):
+    """Supervised training from scratch (torchvision's ResNet recipe: SGD, lr 0.1 x batch / 256,
+    weight decay 1e-4, warmup then cosine, RandomResizedCrop(crop_scale) + flip)."""
 
-    backbone: str = "resnet50"
-    backbone_kwargs: dict[str, Any] = {}
-    norms: list[str] = ["batchnorm", "groupnorm", "bcn_ws", "evonorm_b0", "evonorm_s0", "selu"]
     epochs: int = Field(90, gt=0)
     warmup_epochs: float = Field(5, ge=0)
     lr: float = Field(0.1, gt=0)  # for batch 256; scaled linearly with the batch size
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(256, gt=0)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def protocol(self) -> dict:
+        """The keyword arguments of ``run_supervised``'s protocol."""
+        return {"lr": self.lr * self.batch_size / 256, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                "epochs": self.epochs}
+
+
+class ConvAblationConfig(SupervisedConfig):
+    """Supervised ResNets from scratch, one per conv norm (the conv-norm papers' protocol)."""
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = {}
+    norms: list[str] = ["batchnorm", "groupnorm", "bcn_ws", "evonorm_b0", "evonorm_s0", "selu"]
+    # norms also trained in the pre-activation ResNetV2 the EvoNorms need (BN-ReLU there):
+    # the like-for-like baseline of the EvoNorm entries
+    preact: list[Literal["batchnorm", "groupnorm"]] = []
 
     @field_validator("norms")
     @classmethod
@@ -295,19 +311,31 @@ class AblationConfig(Strict):
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
             raise ValueError(f"entries listed twice: {twice}")
-        if not self.entries and not (self.conv and self.conv.norms):
+        if not self.entries and not (self.conv and (self.conv.norms or self.conv.preact)):
             raise ValueError("the ablation lists no entry")
         return self
 
 
 class TeacherConfig(Strict):
-    """UNIP's teacher: a local pretrained ViT, or one pretrained here by MAE on the mix."""
+    """UNIP's teacher: a local pretrained ViT (the official scripts distil the ImageNet MAE-L
+    checkpoint), or, as an explicit option, one pretrained here by MAE on the mix."""
 
     backbone: str = "vit_large_patch16_224"
     backbone_kwargs: dict[str, Any] = {}
-    weights: LocalFile = None  # timm or official MAE layout; None: MAE pretraining in the run
+    source: Literal["weights", "pretrain"] = "weights"
+    weights: LocalFile = None  # timm or official MAE layout (source: weights)
     epochs: int = Field(800, gt=0)  # MAE epochs when the teacher is pretrained here
     layer: int | None = Field(None, ge=0)  # 0-based distilled block; None: deepest hybrid (NMI)
+
+    def check_source(self) -> None:
+        """Checked when the run is resolved (``visionbench show`` does not need the file)."""
+        if self.source == "weights" and self.weights is None:
+            raise ValueError("unip.teacher.weights: the teacher is a local checkpoint (the "
+                             "official scripts distil ImageNet MAE-L); give its file, or set "
+                             "unip.teacher.source=pretrain to pretrain one by MAE in the run")
+        if self.source == "pretrain" and self.weights is not None:
+            raise ValueError("unip.teacher: weights are given but source is 'pretrain'; "
+                             "set source=weights to distil them")
 
 
 class DistillConfig(Strict):
@@ -352,6 +380,9 @@ class SegProtocolConfig(Strict):
     aux_weight: float = Field(0.4, ge=0)
     inference: Literal["whole", "slide"] = "slide"
     stride: int = Field(341, gt=0)
+    # LayerScale init of the backbone's blocks (official fine-tune backbone: init_values=1.0;
+    # the linear-probe backbone has none); a trained student loads into it, gammas from 1
+    layer_scale: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _length(self) -> SegProtocolConfig:
@@ -360,13 +391,37 @@ class SegProtocolConfig(Strict):
         return self
 
 
+class SegScheduleConfig(Strict):
+    """One data set's iterations and lr warmup (both protocols), as its official config."""
+
+    max_steps: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+
+
+SEGMENTATION_DATASETS = ("thermal", "soda", "mfnet", "scut-seg")
+
+
 class SegmentationConfig(Strict):
     datasets: list[Literal["thermal", "soda", "mfnet", "scut-seg"]] = ["soda", "mfnet",
                                                                        "scut-seg"]
     crop_size: int = Field(512, gt=0)  # training crops and sliding windows
-    finetune: SegProtocolConfig = SegProtocolConfig(max_steps=14400)
+    finetune: SegProtocolConfig = SegProtocolConfig(max_steps=14400, layer_scale=1.0)
     linear: SegProtocolConfig = SegProtocolConfig(max_steps=14400, layer_decay=None)
+    # per data set, over the protocols' own length (UNIP_segmentation/configs: SODA 14400 /
+    # 1500, MFNet 9800 / 1000, SCUT-Seg 16800 / 1700)
+    schedules: dict[str, SegScheduleConfig] = {}
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)  # RandomCrop: largest class share of a crop
+    photometric: bool = True  # mmseg PhotoMetricDistortion on training crops
     figure_images: int = Field(4, gt=0)
+
+    @field_validator("schedules")
+    @classmethod
+    def _known_datasets(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(SEGMENTATION_DATASETS))
+        if unknown:
+            raise ValueError(f"unknown data set(s) {unknown}; allowed: "
+                             f"{', '.join(SEGMENTATION_DATASETS)}")
+        return value
 
 
 class ThermalSynthConfig(Strict):
@@ -390,6 +445,64 @@ class UNIPConfig(Strict):
     synth: ThermalSynthConfig = ThermalSynthConfig()
 
 
+class AlphaBNConfig(Strict):
+    """alpha-BN under ImageNet-C style covariate shift (arXiv 2110.04065)."""
+
+    # alpha weights the source statistics; alpha = 1 (the source model) is always evaluated
+    alphas: list[float] = [round(0.1 * i, 1) for i in range(10)]
+    batch_size: int = Field(64, gt=1)  # the test batch whose statistics are mixed in
+    corruptions: list[str] = ["gaussian_noise", "shot_noise", "defocus_blur", "motion_blur",
+                              "contrast", "fog", "jpeg_compression", "pixelate"]
+    severities: list[int] = [1, 2, 3, 4, 5]
+    train: SupervisedConfig = SupervisedConfig()  # the source model, when trained in the run
+    clean_root: str | None = None  # the clean test set (ImageFolder) beside an ImageNet-C root
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= a < 1.0 for a in value) or len(set(value)) < len(value):
+            raise ValueError("expected distinct values in [0, 1) (alpha = 1, the source "
+                             "statistics, is always evaluated)")
+        return sorted(value)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruptions(cls, value: list[str]) -> list[str]:
+        from visionbench.data.corruptions import CORRUPTIONS
+
+        unknown = [c for c in value if c not in CORRUPTIONS]
+        if unknown or not value:
+            raise ValueError(f"unknown corruption(s) {unknown}; allowed: {', '.join(CORRUPTIONS)}")
+        return value
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, value: list[int]) -> list[int]:
+        if not value or any(s not in (1, 2, 3, 4, 5) for s in value):
+            raise ValueError("expected severities among 1-5")
+        return sorted(set(value))
+
+    @field_validator("clean_root")
+    @classmethod
+    def _clean_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"clean test folder {value} does not exist")
+        return value
+
+
+class LNRemovalConfig(Strict):
+    """FakeLN removal during a fine-tune (submarat/removing-layer-norm ``config.py``, gpt2: the
+    schedule starts as the lr warmup ends; ln_2 every 2 steps, the ln_1 q/k phase 2, ln_1
+    every 3, then ln_f at once; the std's running average has momentum 0.9)."""
+
+    gap_norm2: int = Field(2, ge=0)
+    gap_norm1_qk: int = Field(2, ge=0)
+    gap_norm1: int = Field(3, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    # the std each norm freezes at when it is removed without fine-tuning
+    calibration_images: int = Field(512, gt=0)
+
+
 class ExperimentConfig(Strict):
     experiment: str
     profile: Literal["demo", "paper"] = "demo"
@@ -401,12 +514,16 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
     ablation: AblationConfig | None = None
     unip: UNIPConfig | None = None
+    alpha_bn: AlphaBNConfig | None = None
+    ln_removal: LNRemovalConfig | None = None
 
     @model_validator(mode="after")
     def _paper_needs_data(self, info: ValidationInfo) -> ExperimentConfig:
         require = (info.context or {}).get("require_data", True)
         if require and self.profile == "paper" and self.data.root is None:
             raise ValueError("the paper profile runs on real data: pass --data-root")
+        if require and self.unip is not None:
+            self.unip.teacher.check_source()
         return self
 
 

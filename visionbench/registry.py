@@ -49,7 +49,8 @@ class Experiment:
         return [
             {"experiment": self.name, "paper": self.paper, "method": self.method,
              "backbone": r.backbone, "norm": r.norm or self.norm,
-             "placement": r.placement or self.placement, "init": r.init or self.method,
+             "placement": r.placement or self.placement or None,
+             "init": r.init or self.method,
              "dataset": r.dataset, "protocol": r.protocol, "metric": r.metric,
              "value": r.value, "run_id": f"paper:{r.source}", "source": "paper"}
             for r in self.reported
@@ -170,6 +171,65 @@ register(
 )
 
 
+register(
+    Experiment(
+        name="alpha-bn",
+        paper="Test-time Batch Statistics Calibration for Covariate Shift",
+        arxiv="2110.04065",
+        method="alpha-bn",
+        backbone="resnet50",
+        norm="batchnorm",
+        placement="",
+        pretrain_data="imagenet-1k (supervised source model)",
+        task="image classification under covariate shift",
+        dataset="imagenet-c",
+        protocols=("alpha_bn",),
+        metrics=("top1", "mce", "mean_top1"),
+        config="configs/alpha-bn.yaml",
+        code="",
+        pipeline="alpha_bn",
+        reported=tuple(
+            Reported("unnamed in the abstract", "alpha_bn", "miou", value, "gta5->cityscapes",
+                     "abstract", init=init)
+            for init, value in (("source", 28.4), ("alpha-bn", 43.9))
+        ),
+    )
+)
+
+
+register(
+    Experiment(
+        name="ln-removal",
+        paper="Transformers Don't Need LayerNorm at Inference Time",
+        arxiv="2507.02559",
+        method="fakeln",
+        backbone="vit_base_patch16_224",
+        norm="layernorm",
+        placement="pre",
+        pretrain_data="imagenet-1k",
+        task="image classification",
+        dataset="imagenet-1k",
+        protocols=("finetune", "ln_removed_no_finetune", "ln_free_finetune"),
+        metrics=("top1", "loss", "params_removed"),
+        config="configs/ln-removal.yaml",
+        code="submarat/removing-layer-norm",
+        pipeline="ln_removal",
+        reported=tuple(
+            Reported(backbone, protocol, "loss", value, "openwebtext",
+                     "official README, Evaluation Results (OWT val, mean cross-entropy)",
+                     init="gpt2", norm=norm)
+            for backbone, losses in (("gpt2", (3.1006, 3.0126, 3.0797)),
+                                     ("gpt2-medium", (2.8145, 2.7390, 2.7642)),
+                                     ("gpt2-large", (2.6623, 2.6240, 2.6384)),
+                                     ("gpt2-xl", (2.5567, 2.4799, 2.5052)))
+            for (protocol, norm), value in zip(
+                (("pretrained", "layernorm"), ("finetune", "layernorm"),
+                 ("ln_free_finetune", "none")), losses, strict=True)
+        ),
+    )
+)
+
+
 # -- the norm papers: each runs the norm ablation restricted to its entry and baseline ----------
 
 
@@ -212,7 +272,10 @@ norm_paper(
                    "official README, Table 1 (LLaMA pre-training)", init="causal-lm",
                    placement=p)
           for b, p, v in (("llama-130m", "pre", 26.73), ("llama-130m", "lns", 25.76),
-                          ("llama-1b", "pre", 17.02), ("llama-1b", "lns", 15.71))),
+                          ("llama-250m", "pre", 21.92), ("llama-250m", "lns", 20.35),
+                          ("llama-350m", "pre", 19.58), ("llama-350m", "lns", 18.20),
+                          ("llama-1b", "pre", 17.02), ("llama-1b", "lns", 15.71),
+                          ("llama-130m", "mix", 26.07), ("llama-250m", "mix", 21.39))),
 )
 norm_paper(
     "powernorm", "PowerNorm: Rethinking Batch Normalization in Transformers", "2003.07845",
@@ -234,12 +297,19 @@ norm_paper(
     tuple(_supervised(b, v, s, "prepbn") for b, v, s in (
         ("slab_swin_s", 83.6, "abstract and official README (16.2 ms latency)"),
         ("deit_tiny_patch16_224", 73.6, "official README, checkpoints (deit_t_prepbn)"),
-        ("deit_small_patch16_224", 80.2, "official README, checkpoints (deit_s_prepbn)"))),
+        ("deit_small_patch16_224", 80.2, "official README, checkpoints (deit_s_prepbn)"),
+        ("swin_tiny_patch4_window7_224", 81.4, "official README, checkpoints (swin_t_prepbn)"))),
 )
 norm_paper("evonorm", "Evolving Normalization-Activation Layers", "2004.02967", "evonorm_b0",
            "", "resnet50", "tensorflow/tpu models/official/resnet")
-norm_paper("bcn-ws", "Micro-Batch Training with Batch-Channel Normalization and Weight "
-           "Standardization", "1903.10520", "bcn_ws", "", "resnet50",
-           "joe-siyuan-qiao/Batch-Channel-Normalization")
+norm_paper(
+    "bcn-ws", "Micro-Batch Training with Batch-Channel Normalization and Weight "
+    "Standardization", "1903.10520", "bcn_ws", "", "resnet50",
+    "joe-siyuan-qiao/Batch-Channel-Normalization",
+    tuple(_supervised("deeplabv3_resnet101", v, "official DeepLabV3/README.md (VOC 2012 val, "
+                      "multi-grid (1, 1, 1), ASPP (6, 12, 18), image pooling)", n, "miou",
+                      "voc2012-val", "segmentation")
+          for n, v in (("batchnorm", 76.49), ("groupnorm+ws", 77.20), ("bcn_ws", 78.10))),
+)
 norm_paper("selu", "Self-Normalizing Neural Networks", "1706.02515", "selu", "", "resnet50",
            "bioinf-jku/SNNs")

@@ -17,6 +17,7 @@ from visionbench.analysis import (
     attention_nmi,
     classify_layers,
     deepest_hybrid_layer,
+    hybrid_layer,
     layer_nmi,
     save_nmi_figure,
 )
@@ -247,6 +248,15 @@ def test_classify_layers_and_the_deepest_hybrid_layer():
         classify_layers([0.1], 0.05, 0.2)
     with pytest.raises(ConfigError, match="no layer has a hybrid attention pattern"):
         deepest_hybrid_layer(["local", "global"])
+
+
+def test_without_a_hybrid_layer_the_one_nearest_the_band_is_distilled():
+    assert hybrid_layer([0.3, 0.1, 0.07, 0.02], 0.12, 0.06) == (2, "the deepest hybrid layer "
+                                                                   "by NMI")
+    layer, reason = hybrid_layer([0.3, 0.2, 0.15, 0.01], 0.12, 0.06)  # all local or global
+    assert layer == 2 and "no layer in the hybrid band" in reason and "block 2" in reason
+    assert hybrid_layer([0.5, 0.03, 0.03], 0.12, 0.06)[0] == 2  # tie: the deeper one
+    assert hybrid_layer([0.0, 0.01, 0.2], 0.12, 0.06)[0] == 1  # 0.05 below vs 0.08 above
 
 
 def test_save_nmi_figure_writes_a_png(tmp_path):

@@ -81,8 +81,8 @@ def test_run_finetune_one_epoch(tmp_path):
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                       "enable_model_summary": False, "num_sanity_val_steps": 0}
     result = run_finetune(tiny_vit(), loader, loader, loader, 3, cfg, trainer_kwargs, tmp_path)
-    assert set(result) == {"test_top1", "test_top5", "epochs", "history"}
-    assert result["epochs"] == 1
+    assert set(result) == {"test_top1", "test_top5", "test_loss", "epochs", "history"}
+    assert result["epochs"] == 1 and result["test_loss"] > 0
     assert 0.0 <= result["test_top1"] <= result["test_top5"] <= 100.0
     assert result["test_top5"] == pytest.approx(100.0)  # top-min(5, 3) of 3 classes
     assert len(result["history"]) == 1

@@ -147,9 +147,9 @@ def test_from_config_and_the_layer_chosen_by_nmi():
     nmi = layer_nmi(teacher, images)
     low, high = sorted(nmi.tolist())[:2]
     # thresholds so that exactly the two lowest-NMI layers read as hybrid, the rest as local
-    layer, got = choose_teacher_layer(teacher, images, local_threshold=high + 1e-9,
-                                      global_threshold=low - 1e-9)
-    assert torch.equal(got, nmi)
+    layer, got, reason = choose_teacher_layer(teacher, images, local_threshold=high + 1e-9,
+                                              global_threshold=low - 1e-9)
+    assert torch.equal(got, nmi) and reason == "the deepest hybrid layer by NMI"
     assert layer == max(i for i, v in enumerate(nmi.tolist()) if v <= high)
     cfg = resolve_config("unip-infrared", "paper", sets=["unip.teacher.layer=null",
                                                          "data.batch_size=64"],

@@ -8,6 +8,7 @@ from visionbench.analysis.attention import (
     attention_nmi,
     classify_layers,
     deepest_hybrid_layer,
+    hybrid_layer,
     layer_nmi,
     save_nmi_figure,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "attention_nmi",
     "classify_layers",
     "deepest_hybrid_layer",
+    "hybrid_layer",
     "layer_nmi",
     "save_nmi_figure",
 ]

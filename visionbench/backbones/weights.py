@@ -136,6 +136,30 @@ def split_mae_state(
     return encoder, decoder, aside
 
 
+HEAD_PREFIXES = ("fc.", "head.")  # torchvision / timm ResNet classifier, visionbench heads
+
+
+def load_classifier_weights(backbone: nn.Module, head: nn.Linear, path: str | Path) -> str:
+    """A whole classifier from a local file: a torchvision or timm ResNet state dict
+    (``conv1.*`` ... ``fc.*``) or visionbench's own (``backbone.*`` + ``head.*``). The
+    classifier keys go to ``head``, the rest to ``backbone``; every key must match."""
+    state = read_state_dict(path)
+    head_state = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    body = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    for module, part, name in ((backbone, body, "backbone"), (head, head_state, "head")):
+        own = module.state_dict()
+        missing, unexpected = sorted(set(own) - set(part)), sorted(set(part) - set(own))
+        if missing or unexpected:
+            raise WeightsError(f"{path}: {name} keys do not match: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
+        for key, value in part.items():
+            if own[key].shape != value.shape:
+                raise WeightsError(f"{path}: {key} has shape {tuple(value.shape)}, the model "
+                                   f"expects {tuple(own[key].shape)} (another class count?)")
+        module.load_state_dict(part, strict=True)
+    return f"loaded the classifier {path} ({len(state)} tensors)"
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
     """Load a local checkpoint into a timm backbone and report what did not match.
 

@@ -323,6 +323,7 @@ def finetune_augmentation(image_size: int, mean: Sequence[float], std: Sequence[
     ``build_transform``: timm's ``create_transform`` with RandomResizedCrop(0.08, 1) bicubic,
     flip, RandAugment ``auto_augment``, then normalize and RandomErasing(``reprob``, pixel
     mode, one box)). Returns ``(PIL ops, tensor ops after Normalize)``."""
+    from timm.data import auto_augment as timm_augment
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
 
@@ -339,7 +340,21 @@ def finetune_augmentation(image_size: int, mean: Sequence[float], std: Sequence[
         raise ConfigError(f"eval.finetune.auto_augment: {auto_augment!r} is not a timm "
                           f"augmentation policy ({err})") from None
     erasing = [t for t in final.transforms if isinstance(t, RandomErasing)]
+    for policy in secondary.transforms:
+        for op in getattr(policy, "ops", []):
+            if op.aug_fn is timm_augment.posterize:
+                op.aug_fn = _posterize
     return list(primary.transforms) + list(secondary.transforms), erasing
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize; at 0 bits (``PosterizeIncreasing`` at the top magnitude) the black
+    image Pillow gave before version 13, which refuses 0 bits."""
+    from timm.data import auto_augment as timm_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def build_transform(
@@ -351,15 +366,20 @@ def build_transform(
     kind: str = "mae",
     auto_augment: str | None = None,
     reprob: float = 0.0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    eval_crop: float = EVAL_CROP,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image of any size and mode -> normalized ``(in_chans, image_size, image_size)``.
 
     Train ``kind="mae"``: RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip,
     as MAE pretraining; ``kind="finetune"``: MAE's fine-tune transform
     (``finetune_augmentation``: scale=(0.08, 1.0), RandAugment ``auto_augment`` when given,
-    RandomErasing with probability ``reprob``), augmented in RGB. Eval: bicubic resize of the
-    short side to ``image_size / 0.875`` + centre crop, as ``main_finetune.py`` and
-    ``main_linprobe.py`` (256 -> 224). ``mean`` / ``std``: one value per channel, one for all,
+    RandomErasing with probability ``reprob``), augmented in RGB; ``kind="supervised"``:
+    RandomResizedCrop(scale=``crop_scale``, bicubic) + horizontal flip (torchvision's ResNet
+    recipe with its default scale (0.08, 1)). Eval: bicubic resize of the
+    short side to ``image_size / eval_crop`` + centre crop, as ``main_finetune.py`` and
+    ``main_linprobe.py`` (``eval_crop`` 0.875: 256 -> 224; 1 for images that are the crop
+    already). ``mean`` / ``std``: one value per channel, one for all,
     or RGB values (averaged when ``in_chans`` is not 3).
     """
     if in_chans < 1:
@@ -368,18 +388,20 @@ def build_transform(
     after: list = []
     channels = in_chans
     if not train:
-        spatial = [T.Resize(int(image_size / EVAL_CROP), interpolation=bicubic),
+        spatial = [T.Resize(int(image_size / eval_crop), interpolation=bicubic),
                    T.CenterCrop(image_size)]
-    elif kind == "mae":
+    elif kind in ("mae", "supervised"):
+        scale = (0.2, 1.0) if kind == "mae" else tuple(crop_scale)
         spatial = [
-            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
+            T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic),
             T.RandomHorizontalFlip(),
         ]
     elif kind == "finetune":
         channels = 3  # timm's RandAugment works on RGB; AdaptChannels brings in_chans back
         spatial, after = finetune_augmentation(image_size, mean, std, auto_augment, reprob)
     else:
-        raise ConfigError(f"data.train_kind: {kind!r} (expected 'mae' or 'finetune')")
+        raise ConfigError(f"data.train_kind: {kind!r} (expected 'mae', 'finetune' or "
+                          "'supervised')")
     return T.Compose(
         [
             ToChannels(channels),
@@ -437,6 +459,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_kind: str = "mae",
         auto_augment: str | None = None,
         reprob: float = 0.0,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -446,7 +469,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.seed = seed
         self.train_transform = build_transform(image_size, in_chans, mean, std, True, train_kind,
-                                               auto_augment, reprob)
+                                               auto_augment, reprob, crop_scale)
         self.eval_transform = build_transform(image_size, in_chans, mean, std, False)
         self.splits: Splits | None = None
 

@@ -346,15 +346,65 @@ def read_segmentation_dataset(
 # ----------------------------------------------------------------------------- transforms
 
 
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
+def _coin() -> bool:
+    return bool(torch.randint(0, 2, ()))
+
+
+def photometric_distortion(img: np.ndarray, brightness_delta: float = 32,
+                           contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5),
+                           hue_delta: float = 18) -> np.ndarray:
+    """mmseg 0.11 ``PhotoMetricDistortion`` on an ``HxWx3`` uint8 image (defaults as there).
+
+    Each step with probability 1/2: brightness ``+ U(-32, 32)``; then, contrast ``x U(0.5,
+    1.5)`` either first or last (a coin), saturation ``x U(0.5, 1.5)`` and hue ``+ U(-18, 18)``
+    (OpenCV's 0-180 hue scale) in HSV. Each step clips to [0, 255] and rounds down to uint8, as
+    ``convert`` there. The HSV conversion is PIL's (hue on 0-255) instead of OpenCV's; on the
+    grey infrared images saturation and hue change nothing in either.
+    """
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    if _coin():
+        img = convert(img, beta=_uniform(-brightness_delta, brightness_delta))
+    contrast_first = _coin()
+    if contrast_first and _coin():
+        img = convert(img, alpha=_uniform(*contrast_range))
+    if _coin():
+        hsv = np.array(Image.fromarray(img).convert("HSV"))
+        hsv[..., 1] = convert(hsv[..., 1], alpha=_uniform(*saturation_range))
+        img = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if _coin():
+        hsv = np.array(Image.fromarray(img).convert("HSV")).astype(np.int64)
+        shift = _uniform(-hue_delta, hue_delta) * 256 / 180
+        hsv[..., 0] = (hsv[..., 0] + int(shift)) % 256
+        img = np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+    if not contrast_first and _coin():
+        img = convert(img, alpha=_uniform(*contrast_range))
+    return img
+
+
 class SegmentationTransform:
     """A joint transform: (PIL image, PIL mask) -> (normalized 3xHxW float, HxW long).
 
-    Train: the short side resized to ``size`` times a ratio drawn from ``ratio_range``, a
-    random ``size x size`` crop (image padded with 0, mask with 255), horizontal flip with
-    probability 0.5, as the official train pipeline (Resize ratio_range=(0.5, 2.0),
-    RandomCrop, RandomFlip, Pad). Eval: the short side resized to ``size`` (when given).
-    Images are resized bilinearly, masks by nearest neighbour. Randomness comes from
-    ``torch``'s generator, so DataLoader workers are seeded as usual.
+    Train, as the official train pipeline (mmseg 0.11: ``Resize(img_scale=(4 size, size),
+    ratio_range=(0.5, 2.0))``, ``RandomCrop(cat_max_ratio=0.75)``, ``RandomFlip(0.5)``,
+    ``PhotoMetricDistortion``, ``Normalize``, ``Pad``): the image rescaled, keeping its aspect,
+    so that its short side is ``size`` (its long side at most ``4 size``) times a ratio drawn
+    from ``ratio_range``; a random ``size x size`` crop, redrawn up to 10 times while one class
+    covers ``cat_max_ratio`` or more of its labelled pixels (or it holds one class only);
+    horizontal flip; the photometric distortion; normalization; padding (image 0, mask 255).
+
+    Eval: the image rescaled the same way without the ratio (``Resize(keep_ratio=True)``).
+    With ``original_mask=True`` the mask keeps its original size, so predictions are scored at
+    the label's own resolution (mmseg's ``rescale=True`` resizes the logits back to
+    ``ori_shape``); else it is resized with the image. Images are resized bilinearly, masks by
+    nearest neighbour. Randomness comes from ``torch``'s generator (DataLoader workers seeded
+    as usual).
     """
 
     def __init__(
@@ -364,47 +414,70 @@ class SegmentationTransform:
         mean: float = INFRARED_MEAN,
         std: float = INFRARED_STD,
         ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 1.0,
+        photometric: bool = False,
+        original_mask: bool = False,
     ) -> None:
         if train and size is None:
             raise ValueError("a train SegmentationTransform needs a crop size")
         self.size, self.train, self.mean, self.std = size, train, mean, std
-        self.ratio_range = ratio_range
+        self.ratio_range, self.cat_max_ratio = ratio_range, cat_max_ratio
+        self.photometric, self.original_mask = photometric, original_mask
 
-    def _resize(self, img: Image.Image, mask: Image.Image, short: int):
+    def _resize(self, img: Image.Image, mask: Image.Image | None, short: float):
         w, h = img.size
-        scale = short / min(w, h)
-        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        scale = min(short / min(w, h), 4 * short / max(w, h))
+        new = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
         if new == img.size:
             return img, mask
-        return (
-            img.resize(new, Image.Resampling.BILINEAR),
-            mask.resize(new, Image.Resampling.NEAREST),
-        )
+        resized = None if mask is None else mask.resize(new, Image.Resampling.NEAREST)
+        return img.resize(new, Image.Resampling.BILINEAR), resized
 
     def __call__(self, img: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train:
-            lo, hi = self.ratio_range
-            ratio = lo + (hi - lo) * float(torch.rand(()))
-            img, mask = self._resize(img, mask, max(1, round(self.size * ratio)))
+            img, mask = self._resize(img, mask, self.size * _uniform(*self.ratio_range))
         elif self.size is not None:
-            img, mask = self._resize(img, mask, self.size)
-        x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.float32) / 255.0)
-        x = (x.permute(2, 0, 1) - self.mean) / self.std
-        y = torch.from_numpy(np.array(mask, dtype=np.int64))
+            img, resized = self._resize(img, None if self.original_mask else mask, self.size)
+            mask = mask if self.original_mask else resized
+        pixels = np.array(img.convert("RGB"), dtype=np.uint8)
+        labels = np.array(mask, dtype=np.int64)
         if self.train:
-            x, y = self._crop_and_pad(x, y)
-            if float(torch.rand(())) < 0.5:
-                x, y = x.flip(-1), y.flip(-1)
+            pixels, labels = self._crop(pixels, labels)
+            if _coin():
+                pixels, labels = pixels[:, ::-1], labels[:, ::-1]
+            if self.photometric:
+                pixels = photometric_distortion(np.ascontiguousarray(pixels))
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32) / 255.0)
+        x = (x.permute(2, 0, 1) - self.mean) / self.std
+        y = torch.from_numpy(np.ascontiguousarray(labels))
+        if self.train:
+            x, y = self._pad(x, y)
         return x.contiguous(), y.contiguous()
 
-    def _crop_and_pad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random ``size x size`` window; where the image is smaller, image 0 (after
-        normalization, as the official Pad) and mask ``IGNORE_INDEX``."""
+    def _crop_box(self, h: int, w: int) -> tuple[int, int]:
         s = self.size
-        _, h, w = x.shape
         top = int(torch.randint(0, max(h - s, 0) + 1, ()))
         left = int(torch.randint(0, max(w - s, 0) + 1, ()))
-        x, y = x[:, top : top + s, left : left + s], y[top : top + s, left : left + s]
+        return top, left
+
+    def _crop(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """mmseg's ``RandomCrop``: with ``cat_max_ratio < 1``, up to 10 boxes are tried for one
+        where no class covers that share of the labelled pixels; else the last drawn is kept."""
+        s = self.size
+        top, left = self._crop_box(*labels.shape)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                window = labels[top:top + s, left:left + s]
+                _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                top, left = self._crop_box(*labels.shape)
+        return pixels[top:top + s, left:left + s], labels[top:top + s, left:left + s]
+
+    def _pad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """To ``size x size``: image 0 (after normalization, as the official Pad), mask
+        ``IGNORE_INDEX``."""
+        s = self.size
         x_out = torch.zeros(3, s, s)
         y_out = torch.full((s, s), IGNORE_INDEX, dtype=torch.long)
         x_out[:, : x.shape[1], : x.shape[2]] = x
@@ -414,7 +487,8 @@ class SegmentationTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, train={self.train}, mean={self.mean}, "
-            f"std={self.std})"
+            f"std={self.std}, cat_max_ratio={self.cat_max_ratio}, "
+            f"photometric={self.photometric}, original_mask={self.original_mask})"
         )
 
 

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
@@ -137,6 +138,7 @@ class FineTuneClassifier(L.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_loss = MeanMetric()  # plain cross-entropy per test image
 
     def forward(self, images: Tensor) -> Tensor:
         if not self.is_vit:
@@ -200,10 +202,13 @@ class FineTuneClassifier(L.LightningModule):
         logits = self(batch[0])
         self.test_top1.update(logits, batch[1])
         self.test_top5.update(logits, batch[1])
+        self.test_loss.update(F.cross_entropy(logits.float(), batch[1], reduction="none"))
 
     def on_test_epoch_end(self) -> None:
         self.log("test_top1", self.test_top1.compute() * 100.0)
         self.log("test_top5", self.test_top5.compute() * 100.0)
+        self.log("test_loss", self.test_loss.compute())
+        self.test_loss.reset()
         self.test_top1.reset()
         self.test_top5.reset()
 
@@ -240,13 +245,14 @@ def read_history(metrics_csv: Path) -> list[dict]:
 
 def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_loader,
                  num_classes: int, cfg: dict, trainer_kwargs: dict, out_dir: Path,
-                 callbacks: tuple = ()) -> dict:
+                 callbacks: tuple = (), keep_model: bool = False) -> dict:
     """Fine-tune ``backbone`` with a new head, then test it.
 
     ``cfg["base_lr"]`` is MAE's blr: the absolute lr is blr * effective batch / 256, with the
     effective batch = loader batch size * accumulation * world size. Returns
-    ``{"test_top1", "test_top5", "epochs", "history": [{"epoch", "train_loss",
-    "val_top1"}, ...]}`` (accuracies in percent).
+    ``{"test_top1", "test_top5", "test_loss", "epochs", "history": [{"epoch", "train_loss",
+    "val_top1"}, ...]}`` (accuracies in percent, the test loss a plain cross-entropy), and
+    with ``keep_model`` the trained ``FineTuneClassifier`` under ``"model"``.
     """
     cfg = finetune_config(cfg)
     out_dir = Path(out_dir)
@@ -270,9 +276,20 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
     trainer.fit(model, train_dataloaders=datamodule_train_loader, val_dataloaders=val_loader)
     ensure_trained(trainer, "fine-tune")
     tested = trainer.test(model, dataloaders=test_loader, verbose=False)[0]
-    return {
+    result = {
         "test_top1": float(tested["test_top1"]),
         "test_top5": float(tested["test_top5"]),
+        "test_loss": float(tested["test_loss"]),
         "epochs": cfg["epochs"],
         "history": read_history(Path(logger.log_dir) / "metrics.csv"),
     }
+    if keep_model:
+        result["model"] = model
+    return result
+
+
+def test_scores(model: FineTuneClassifier, test_loader, trainer_kwargs: dict) -> dict:
+    """Test top-1 / top-5 (percent) and cross-entropy of a (changed) fine-tuned classifier."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, **trainer_kwargs)
+    tested = trainer.test(model, dataloaders=test_loader, verbose=False)[0]
+    return {key: float(tested[key]) for key in ("test_top1", "test_top5", "test_loss")}

@@ -463,8 +463,11 @@ class SegmentationFineTuner(L.LightningModule):
         return loss
 
     def test_step(self, batch, batch_idx: int) -> None:
+        """Logits resized (bilinear) to the label's size before the argmax: scores at the
+        original label resolution, as mmseg's ``rescale=True`` to ``ori_shape``."""
         images, masks = batch[0], batch[1]
-        self.test_confmat.update(self.predict_logits(images).argmax(dim=1), masks)
+        logits = resize(self.predict_logits(images), masks.shape[-2:])
+        self.test_confmat.update(logits.argmax(dim=1), masks)
 
     def on_test_epoch_end(self) -> None:
         self.test_scores = scores_from_confmat(self.test_confmat.compute())

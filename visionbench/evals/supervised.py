@@ -75,8 +75,9 @@ class SupervisedClassifier(L.LightningModule):
 
 def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, num_classes: int,
                    cfg: dict, trainer_kwargs: dict, out_dir: Path,
-                   callbacks: tuple = ()) -> dict:
-    """Train ``backbone`` (in place) with a linear head; returns test top-1/top-5 in percent.
+                   callbacks: tuple = (), keep_model: bool = False) -> dict:
+    """Train ``backbone`` (in place) with a linear head; returns test top-1/top-5 in percent
+    (and with ``keep_model`` the trained ``SupervisedClassifier`` under ``"model"``).
 
     A callback may stop training early (e.g. ``DivergenceMonitor``); the caller checks it.
     """
@@ -95,8 +96,11 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
     ensure_trained(trainer, "supervised training")
     model.eval()
     trainer.test(model, test_loader, verbose=False)
-    return {
+    result = {
         "test_top1": float(model.test_top1.compute()) * 100,
         "test_top5": float(model.test_top5.compute()) * 100,
         "epochs": model.epochs,
     }
+    if keep_model:
+        result["model"] = model
+    return result

@@ -47,8 +47,7 @@ from visionbench.analysis.attention import (
     GLOBAL_THRESHOLD,
     LOCAL_THRESHOLD,
     attention_logits,
-    classify_layers,
-    deepest_hybrid_layer,
+    hybrid_layer,
     layer_nmi,
 )
 from visionbench.errors import ConfigError
@@ -109,10 +108,13 @@ def choose_teacher_layer(
     local_threshold: float = LOCAL_THRESHOLD,
     global_threshold: float = GLOBAL_THRESHOLD,
     max_batches: int | None = None,
-) -> tuple[int, torch.Tensor]:
-    """(0-based deepest hybrid-pattern layer of ``teacher``, its NMI per layer)."""
+) -> tuple[int, torch.Tensor, str]:
+    """(0-based layer of ``teacher`` to distil, its NMI per layer, why that layer): the
+    deepest hybrid-pattern layer, else the one nearest to the hybrid band
+    (``visionbench.analysis.attention.hybrid_layer``)."""
     nmi = layer_nmi(teacher, loader_or_images, max_batches=max_batches)
-    return deepest_hybrid_layer(classify_layers(nmi, local_threshold, global_threshold)), nmi
+    layer, reason = hybrid_layer(nmi, local_threshold, global_threshold)
+    return layer, nmi, reason
 
 
 def _check_vit(model: nn.Module, role: str) -> VisionTransformer:

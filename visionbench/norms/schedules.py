@@ -13,6 +13,9 @@ sets them from the run's own schedule:
 supervised training, segmentation) attaches. When the fit starts it sets those lengths on the
 layers that have not started their schedule yet (a resumed fit, or a pretrained encoder being
 fine-tuned, keeps its own), and it advances PRepBN after each optimizer step.
+
+``LayerNormRemoval`` runs FakeLN's removal schedule (submarat/removing-layer-norm) during a
+fine-tune in the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import lightning as L
 from torch import nn
 
+from visionbench.errors import ConfigError
+from visionbench.norms.conversions import FakeLayerNorm, FakeLNSchedule, attach_fakeln
 from visionbench.norms.token import LR_WARMUP, PowerNorm, attach_prepbn_schedule, prepbn_layers
 
 
@@ -69,3 +74,47 @@ class NormSchedules(L.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class LayerNormRemoval(L.Callback):
+    """FakeLN during a fit: every LayerNorm of the module becomes a ``FakeLayerNorm`` when the
+    fit is set up, and ``FakeLNSchedule`` (the official per-norm-type gaps) makes them fake
+    one by one from the end of the lr warmup, checked against the optimizer step at each
+    training batch (the official ``on_step_begin``). A fit shorter than the schedule is a
+    ``ConfigError`` before training starts; every norm is fake when it ends."""
+
+    def __init__(self, gap_norm2: int = 2, gap_norm1_qk: int = 2, gap_norm1: int = 3,
+                 momentum: float = 0.9, log=None) -> None:
+        self.gaps = {"gap_norm2": gap_norm2, "gap_norm1_qk": gap_norm1_qk,
+                     "gap_norm1": gap_norm1}
+        self.momentum = momentum
+        self._log = log
+        self.schedule: FakeLNSchedule | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not any(isinstance(m, FakeLayerNorm) for m in pl_module.modules()):
+            attach_fakeln(pl_module, momentum=self.momentum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # at least one step measures each std first (the official starts from stds measured
+        # on data, ``std_dicts``)
+        start = max(1, lr_warmup_steps(pl_module))
+        self.schedule = FakeLNSchedule(pl_module, start=start, **self.gaps)
+        steps = int(trainer.estimated_stepping_batches)
+        if steps <= self.schedule.last_step:
+            raise ConfigError(
+                f"LayerNorm removal: the fine-tune has {steps} optimizer steps but the "
+                f"removal schedule ends at step {self.schedule.last_step} (lr warmup {start} + "
+                f"{len(self.schedule.order)} norms at the official gaps); train longer")
+        if self._log is not None:
+            self._log(f"LayerNorm removal: {len(self.schedule.order)} norms fake from step "
+                      f"{start} to {self.schedule.last_step} of {steps}")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
+        self.schedule.apply(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.schedule.apply(trainer.global_step)
+        if not self.schedule.done:
+            raise RuntimeError("LayerNorm removal: the fit ended before every norm was fake")

@@ -154,3 +154,23 @@ def save_mask_figure(
                 ax.set_title(columns[col], fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_alpha_curves(path: Path, alphas: list[float], curves: dict[str, list[float]]) -> Path:
+    """Accuracy against alpha, one line per curve (corruptions thin, the mean and the clean
+    set bold); alpha 1 is the source model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (label, values) in enumerate(curves.items()):
+        bold = label.startswith(("mean", "clean"))
+        ax.plot(alphas, values, marker="o", ms=3, lw=2.4 if bold else 1.2,
+                ls="--" if label == "clean" else "-",
+                color="black" if bold and label != "clean" else colours[i % 10], label=label)
+    ax.set_xlabel("alpha (weight of the source statistics; 1 = source model)")
+    ax.set_ylabel("top-1 (%), mean over severities")
+    ax.set_title("alpha-BN: accuracy against alpha per corruption")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return _save(fig, path)

@@ -155,14 +155,22 @@ def _results_section(results: list[dict]) -> list[str]:
              "|" + "---|" * len(columns) + "---:|"]  # fmt: skip
     for r in results:
         cells = [_md(r.get(c, "")) for c in columns]
-        value = _pct(r.get("value")) if _is_percent(r.get("metric")) else _md(r.get("value"))
+        value = _value(r.get("metric"), r.get("value"))
         lines.append("| " + " | ".join(cells) + f" | {value} |")
     return lines + [""]
 
 
 def _is_percent(metric: Any) -> bool:
     """Accuracies and IoUs are percentages; counts like a divergence step are not."""
-    return str(metric) in ("top1", "top5", "miou", "pixel_acc", "macc")
+    return str(metric) in ("top1", "top5", "miou", "pixel_acc", "macc", "mce", "mean_top1")
+
+
+def _value(metric: Any, value: Any) -> str:
+    if _is_percent(metric):
+        return _pct(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return _md(value)
 
 
 def _tables(run_dir: Path) -> list[str]:

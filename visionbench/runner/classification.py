@@ -38,7 +38,8 @@ from visionbench.runner.core import (
 
 
 def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None,
-               auto_augment: str | None = None, reprob: float = 0.0):
+               auto_augment: str | None = None, reprob: float = 0.0,
+               crop_scale: tuple[float, float] = (0.08, 1.0)):
     d = run.cfg.data
     if d.root is None:
         if d.dataset not in EMBEDDED:
@@ -68,6 +69,7 @@ def datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None,
         train_kind=train_kind,
         auto_augment=auto_augment,
         reprob=reprob,
+        crop_scale=crop_scale,
     )
     dm.setup()
     return dm
@@ -112,7 +114,7 @@ def init_name(run: Run, init: str) -> str:
         return "random"
     if run.cfg.model.weights:
         return Path(run.cfg.model.weights).name
-    return run.entry.method
+    return run.cfg.pretrain.method  # the method that pretrained it in this run
 
 
 def evaluation_backbone(run: Run, init: str, drop_path_rate: float = 0.0,

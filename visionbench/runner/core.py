@@ -344,7 +344,7 @@ def finish(run: Run, results: list[dict], wall_s: float, leaderboard: Path | Non
         "placement": cfg.model.placement,
         "dataset": dataset_name(run),
         "seed": cfg.seed,
-        "epochs": cfg.pretrain.epochs if epochs is None else epochs,
+        "epochs": epochs,
         "precision": run.precision,
         "device": run.device,
         "wall_s": round(wall_s, 1),

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from visionbench.analysis.layers import BlockStatsCallback, DivergenceMonitor
 from visionbench.backbones import create_backbone
+from visionbench.backbones.resnet import EVONORMS, preact_name
 from visionbench.config import MAEConfig, describe_error
 from visionbench.errors import ConfigError
 from visionbench.evals.features import cached_features
@@ -70,6 +71,7 @@ def vit_entry(run: Run, entry, dm) -> dict:
               checkpoint_every_n_steps=pretrain.checkpoint_every_n_steps,
               val_every_n_epochs=pretrain.val_every_n_epochs,
               callbacks=(stats, monitor), distributed=False,
+              effective_batch_size=pretrain.effective_batch_size,
               label=f"[{entry.label}] pretraining")
     record = {"norm": entry.norm, "placement": entry.placement, "stats": stats.records,
               "pretrain_s": round(time.time() - started, 1)}
@@ -111,28 +113,36 @@ def random_baseline(run: Run, dm) -> dict:
     return record
 
 
-def conv_entry(run: Run, norm: str) -> dict:
+def conv_architecture(backbone: str, norm: str, preact: bool) -> str:
+    """The timm name of the ResNet an entry trains: EvoNorms, and the norms listed in
+    ``ablation.conv.preact``, are in the pre-activation ResNetV2 of that depth."""
+    return preact_name(backbone) if preact or norm in EVONORMS else backbone
+
+
+def conv_entry(run: Run, norm: str, preact: bool = False) -> dict:
     """A supervised ResNet from scratch with the conv norm ``norm``; its result record."""
     c = run.cfg.ablation.conv
-    out = run.dir / "entries" / f"{c.backbone}-{norm}"
+    arch = conv_architecture(c.backbone, norm, preact)
+    out = run.dir / "entries" / f"{arch}-{norm}"
     if (out / RESULT_FILE).is_file():
-        run.log(f"[{c.backbone}/{norm}] done before: skipped")
+        run.log(f"[{arch}/{norm}] done before: skipped")
         return read_json(out / RESULT_FILE)
-    run.log(f"[{c.backbone}/{norm}] supervised training, {c.epochs} epochs")
-    dm = datamodule(run, train_kind="finetune", batch_size=c.batch_size)
+    run.log(f"[{arch}/{norm}] supervised training, {c.epochs} epochs")
+    dm = datamodule(run, train_kind="supervised", batch_size=c.batch_size,
+                    crop_scale=c.crop_scale)
     L.seed_everything(run.cfg.seed, workers=True, verbose=False)
     kwargs = {"in_chans": run.cfg.data.in_chans, **c.backbone_kwargs}
-    backbone = create_backbone(c.backbone, norm=norm, **kwargs)
+    backbone = create_backbone(c.backbone, norm=norm, preact=arch != c.backbone,
+                               norm_options=run.cfg.model.norm_options.get(norm), **kwargs)
     monitor = DivergenceMonitor()
     started = time.time()
     result = run_supervised(
         backbone, dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(),
         dm.num_classes,
-        {"lr": c.lr * c.batch_size / 256, "momentum": c.momentum,
-         "weight_decay": c.weight_decay, "warmup_epochs": c.warmup_epochs, "epochs": c.epochs},
-        run.trainer_kwargs(distributed=False), out, callbacks=(monitor, NormSchedules(run.log)),
+        c.protocol(), run.trainer_kwargs(distributed=False), out,
+        callbacks=(monitor, NormSchedules(run.log)),
     )
-    record = {"norm": norm, "backbone": c.backbone, "train_s": round(time.time() - started, 1)}
+    record = {"norm": norm, "backbone": arch, "train_s": round(time.time() - started, 1)}
     if monitor.diverged_at is not None:
         record.update(status="diverged", diverged_at_step=monitor.diverged_at,
                       loss=str(monitor.loss))
@@ -266,12 +276,15 @@ def run_norm_ablation(run: Run) -> tuple[list[dict], int]:
         results += result_rows(record, placement=run.cfg.model.placement, backbone=backbone,
                                init="random")
     if a.conv is not None:
-        for norm in a.conv.norms:
-            record = conv_entry(run, norm)
-            records[f"{a.conv.backbone}/{norm}"] = record
-            results += result_rows(record, backbone=a.conv.backbone, init="random",
+        entries = [(norm, False) for norm in a.conv.norms]
+        entries += [(norm, True) for norm in a.conv.preact]
+        for norm, preact in entries:
+            record = conv_entry(run, norm, preact)
+            label = f"{record['backbone']}/{norm}"
+            records[label] = record
+            results += result_rows(record, backbone=record["backbone"], init="random",
                                    placement="")
-            run.mark(f"entry:{a.conv.backbone}/{norm}", wall_s=run.wall())
+            run.mark(f"entry:{label}", wall_s=run.wall())
     if a.entries and a.throughput.norms:
         throughput_stage(run)
     stats_figures(run, {k: r for k, r in records.items() if r.get("stats")})

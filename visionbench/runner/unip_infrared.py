@@ -47,6 +47,7 @@ from visionbench.errors import ConfigError, DataError
 from visionbench.evals.segmentation import predict_masks, run_segmentation
 from visionbench.methods.mae import MAE
 from visionbench.methods.unip import UNIP, choose_teacher_layer
+from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_mask_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
 from visionbench.runner.core import (
@@ -54,6 +55,7 @@ from visionbench.runner.core import (
     Run,
     backbone_label,
     build_encoder,
+    fit_batch_size,
     fit_stage,
     save_encoder,
 )
@@ -167,7 +169,8 @@ def mae_pretrain(run: Run, model_cfg: ModelConfig, epochs: int, dm, out: Path, l
         fit_stage(run, module, dm, out, epochs=epochs,
                   checkpoint_every_n_steps=pretrain.checkpoint_every_n_steps,
                   val_every_n_epochs=pretrain.val_every_n_epochs, distributed=False,
-                  label=f"[{label}] pretraining")
+                  label=f"[{label}] pretraining",
+                  effective_batch_size=pretrain.effective_batch_size)
         save_encoder(module.encoder, out / ENCODER_FILE)
     load_backbone_weights(encoder, out / ENCODER_FILE, strict=True)
     return encoder
@@ -175,7 +178,7 @@ def mae_pretrain(run: Run, model_cfg: ModelConfig, epochs: int, dm, out: Path, l
 
 def teacher_stage(run: Run, dm):
     t = run.cfg.unip.teacher
-    if t.weights:
+    if t.source == "weights":
         teacher = build_encoder(run, model=teacher_model_config(run))
         run.log(load_backbone_weights(teacher, t.weights).summary())
         return teacher
@@ -195,8 +198,8 @@ def distilled_layer(run: Run, teacher, images: torch.Tensor) -> int:
                               f"{len(teacher.blocks)} blocks (0-based)")
         reason = "unip.teacher.layer"
     else:
-        layer, _ = choose_teacher_layer(teacher, images, n.local_threshold, n.global_threshold)
-        reason = "deepest hybrid layer by NMI"
+        layer, _, reason = choose_teacher_layer(teacher, images, n.local_threshold,
+                                                n.global_threshold)
     run.log(f"distilling teacher block {layer} (0-based; {reason})")
     atomic_write_json(out, {"layer": int(layer), "chosen_by": reason})
     return int(layer)
@@ -212,7 +215,8 @@ def unip_stage(run: Run, teacher, layer: int, dm):
         fit_stage(run, module, dm, out, epochs=d.epochs,
                   checkpoint_every_n_steps=d.checkpoint_every_n_steps,
                   val_every_n_epochs=max(1, d.epochs), distributed=False,
-                  label="[unip] distillation")
+                  label="[unip] distillation", effective_batch_size=d.effective_batch_size,
+                  effective_key="unip.distill.effective_batch_size")
         save_encoder(module.student, out / ENCODER_FILE)
         student = build_encoder(run)
     load_backbone_weights(student, out / ENCODER_FILE, strict=True)
@@ -247,6 +251,10 @@ def nmi_stage(run: Run, models: dict[str, torch.nn.Module], images: torch.Tensor
         cells += [""] * (depth - len(cells))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "L = local, H = hybrid, G = global; blocks numbered from 0."]
+    chosen = run.dir / "nmi" / "teacher_layer.json"
+    if chosen.is_file():
+        pick = read_json(chosen)
+        lines += ["", f"Distilled teacher block: {pick['layer']} ({pick['chosen_by']})."]
     atomic_write_text(run.dir / "tables" / "nmi.md", "\n".join(lines) + "\n")
     return per_model
 
@@ -254,38 +262,58 @@ def nmi_stage(run: Run, models: dict[str, torch.nn.Module], images: torch.Tensor
 # -- segmentation ---------------------------------------------------------------------------------
 
 
-def segmentation_backbone(run: Run, student: str, drop_path: float = 0.0):
-    """The student at the segmentation crop size, its weights loaded (pos-embed resized)."""
+def segmentation_backbone(run: Run, student: str, layer_scale: float | None = None,
+                          finetune: bool = False):
+    """The student at the segmentation crop size, its weights loaded (pos-embed resized).
+
+    As the official fine-tune backbone (``UNIP_segmentation/backbone/mae.py`` with
+    ``init_values=1.0``): LayerScale in every block, initialised to ``layer_scale`` (the
+    student has none, so its gammas start there), and a trainable position embedding (with
+    weight decay, see ``evals/segmentation.py``).
+    """
     crop = run.cfg.unip.segmentation.crop_size
     kwargs = {**run.cfg.model.backbone_kwargs, "img_size": crop}
+    if layer_scale is not None:
+        kwargs["init_values"] = layer_scale
     model_cfg = run.cfg.model.model_copy(update={"backbone_kwargs": kwargs})
-    backbone = build_encoder(run, drop_path_rate=drop_path, model=model_cfg)
+    backbone = build_encoder(run, model=model_cfg)
     if student != "random":
         report = load_backbone_weights(backbone, run.dir / "students" / student / ENCODER_FILE)
         run.log(f"[{student}] {report.summary()}")
+    if finetune and backbone.pos_embed is not None:
+        backbone.pos_embed.requires_grad_(True)
     return backbone
 
 
-def segmentation_loaders(run: Run, root: Path, batch_size: int):
-    crop = run.cfg.unip.segmentation.crop_size
+def segmentation_loaders(run: Run, root: Path, batch_size: int, label: str):
+    """Training crops as the official train pipeline; the test set one image a batch, its
+    mask at the label's own resolution (``mmseg`` tests with ``samples_per_gpu=1``)."""
+    s = run.cfg.unip.segmentation
     mean, std = SEGMENTATION_MEAN, SEGMENTATION_STD
-    train = read_segmentation_dataset(root, "train", SegmentationTransform(crop, True, mean, std))
-    test = read_segmentation_dataset(root, "test", SegmentationTransform(crop, False, mean, std))
+    train = read_segmentation_dataset(root, "train", SegmentationTransform(
+        s.crop_size, True, mean, std, cat_max_ratio=s.cat_max_ratio, photometric=s.photometric))
+    test = read_segmentation_dataset(root, "test", SegmentationTransform(
+        s.crop_size, False, mean, std, original_mask=True))
     d = run.cfg.data
+    batch_size = fit_batch_size(run, len(train), batch_size, label)
     loaders = (
         DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
                    num_workers=d.num_workers,
                    generator=torch.Generator().manual_seed(run.cfg.seed)),
-        DataLoader(test, batch_size=batch_size, shuffle=False, num_workers=d.num_workers),
+        DataLoader(test, batch_size=1, shuffle=False, num_workers=d.num_workers),
     )
     return loaders, len(train.classes), train.classes
 
 
-def protocol_cfg(run: Run, protocol: str) -> dict:
+def protocol_cfg(run: Run, protocol: str, dataset: str) -> dict:
+    """The protocol's settings, with the data set's own schedule when the config has one."""
     s = run.cfg.unip.segmentation
     p = getattr(s, protocol)
-    cfg = p.model_dump(exclude={"batch_size"})
+    cfg = p.model_dump(exclude={"batch_size", "layer_scale"})
     cfg.update(crop=s.crop_size, seed=run.cfg.seed)
+    if dataset in s.schedules:
+        schedule = s.schedules[dataset]
+        cfg.update(epochs=None, max_steps=schedule.max_steps, warmup_steps=schedule.warmup_steps)
     if protocol == "linear":
         for key in ("layer_decay", "drop_path", "head", "channels", "aux_weight"):
             cfg.pop(key)
@@ -299,13 +327,17 @@ def segmentation_stage(run: Run, student: str, dataset: str, root: Path,
         if (out / f"{protocol}.json").is_file():
             continue
         p = getattr(run.cfg.unip.segmentation, protocol)
-        (train, test), num_classes, classes = segmentation_loaders(run, root, p.batch_size)
-        run.log(f"[{student}] {dataset}: {protocol} segmentation")
-        backbone = segmentation_backbone(run, student)
+        label = f"[{student}] {dataset}: {protocol} segmentation"
+        (train, test), num_classes, classes = segmentation_loaders(run, root, p.batch_size,
+                                                                   label)
+        run.log(label)
+        backbone = segmentation_backbone(run, student, p.layer_scale,
+                                         finetune=protocol == "finetune")
         keep = protocol == "finetune" and figure_images is not None
         result = run_segmentation(backbone, train, test, num_classes, protocol,
-                                  protocol_cfg(run, protocol), out / f"{protocol}_logs",
-                                  run.trainer_kwargs(distributed=False), keep_model=keep)
+                                  protocol_cfg(run, protocol, dataset), out / f"{protocol}_logs",
+                                  run.trainer_kwargs(distributed=False), keep_model=keep,
+                                  callbacks=(NormSchedules(run.log),))
         if keep:
             model = result.pop("model")
             masks = predict_masks(model, figure_images, inference="whole")

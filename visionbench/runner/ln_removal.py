@@ -1,0 +1,209 @@
+"""The ``ln-removal`` experiment: fine-tune a pretrained ViT while FakeLN removes its norms.
+
+"Transformers Don't Need LayerNorm at Inference Time" (Baroni et al., arXiv 2507.02559;
+submarat/removing-layer-norm). The paper's comparison, on an image classifier: a pretrained
+ViT (the run's own MAE, or ``model.weights``) is
+
+1. ``evals/vanilla/``: fine-tuned with its LayerNorms (the MAE recipe, ``eval.finetune``):
+   "before removal";
+2. ``evals/removed_without_finetune/``: that fine-tuned model with every LayerNorm made fake
+   at once, at the per-token std it averages over ``ln_removal.calibration_images`` training
+   images, then folded away: "removal without fine-tuning";
+3. ``evals/ln_free/``: fine-tuned from the same pretrained weights with the same recipe while
+   FakeLN makes the norms fake on the official schedule (``LayerNormRemoval``: after the lr
+   warmup, ``norm2`` of each block, then ``norm1``, then the final ``fc_norm``), then folded
+   away: "removal with fine-tuning".
+
+A removed norm is folded into the linears that read it (``remove_fake_layernorms``: the block
+norms into ``qkv`` / ``fc1``, the classifier's ``fc_norm`` into its head), so the LN-free model
+computes exactly what the fake one does (the largest output difference is recorded) with
+fewer parameters; each stage reports test top-1 and cross-entropy, and the parameter count
+the removal took away.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visionbench.evals.finetune import FineTuneClassifier, run_finetune, test_scores
+from visionbench.norms.conversions import (
+    FakeLayerNorm,
+    FakeLNSchedule,
+    attach_fakeln,
+    calibrate_fakeln,
+    remove_fake_layernorms,
+)
+from visionbench.norms.schedules import LayerNormRemoval, NormSchedules
+from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
+from visionbench.runner.classification import (
+    datamodule,
+    evaluation_backbone,
+    init_name,
+    pretrain_stage,
+)
+from visionbench.runner.core import Run, accumulation
+
+STAGES = {"vanilla": "finetune", "removed_without_finetune": "ln_removed_no_finetune",
+          "ln_free": "ln_free_finetune"}  # folder -> leaderboard protocol
+RESULT_FILE = "result.json"
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fold_removed_norms(model: FineTuneClassifier, images: torch.Tensor) -> dict:
+    """Remove every (fake) norm of ``model`` in place; the parameters it took away and the
+    largest change of the logits on ``images`` (the removal is exact up to rounding)."""
+    model.cpu().eval()
+    before = parameter_count(model)
+    # the head reads the pooled, normed features: fc_norm (global pool) or the final norm's
+    # class token; either folds into it
+    final = "fc_norm" if model.global_pool else "backbone.norm"
+    with torch.no_grad():
+        fake = model(images)
+        remove_fake_layernorms(model, readers={final: [model.head]})
+        folded = model(images)
+    if any(isinstance(m, (FakeLayerNorm, torch.nn.LayerNorm)) for m in model.modules()):
+        raise RuntimeError("LayerNorm removal left a norm in the model")
+    return {"parameters_before": before, "parameters_after": parameter_count(model),
+            "params_removed": before - parameter_count(model),
+            "max_abs_logit_change": float((folded - fake).abs().max())}
+
+
+def finetune(run: Run, ft_dm, remove: bool) -> dict:
+    """The fine-tune of ``eval.finetune`` from the pretrained weights, with FakeLN when
+    ``remove``; the result keeps the trained classifier under ``"model"``."""
+    ft, r = run.cfg.eval.finetune, run.cfg.ln_removal
+    backbone = evaluation_backbone(run, "pretrained", ft.drop_path_rate, finetune=True)
+    callbacks = [NormSchedules(run.log)]
+    if remove:
+        callbacks.append(LayerNormRemoval(r.gap_norm2, r.gap_norm1_qk, r.gap_norm1, r.momentum,
+                                          log=run.log))
+    accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
+                              "eval.finetune.effective_batch_size")
+    name = "ln_free" if remove else "vanilla"
+    return run_finetune(
+        backbone, ft_dm.train_dataloader(), ft_dm.val_dataloader(), ft_dm.test_dataloader(),
+        ft_dm.num_classes,
+        {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
+                                  "effective_batch_size", "auto_augment", "reprob"}),
+         "seed": run.cfg.seed},
+        {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
+        run.dir / "evals" / name / "logs", callbacks=tuple(callbacks), keep_model=True)
+
+
+def calibration_images(run: Run, dm) -> list[torch.Tensor]:
+    """Training images (eval transform) whose per-token std each norm freezes at."""
+    count = run.cfg.ln_removal.calibration_images
+    batches, seen = [], 0
+    for images, _ in dm.eval_dataloader("train"):
+        batches.append(images[: count - seen])
+        seen += batches[-1].shape[0]
+        if seen >= count:
+            break
+    return batches
+
+
+def test_result(run: Run, model: FineTuneClassifier, ft_dm) -> dict:
+    return test_scores(model, ft_dm.test_dataloader(),
+                       {**run.trainer_kwargs(distributed=False), "enable_progress_bar": False})
+
+
+def run_stages(run: Run, ft_dm, dm) -> dict[str, dict]:
+    records: dict[str, dict] = {}
+    out = run.dir / "evals"
+    probe_images = next(iter(ft_dm.test_dataloader()))[0][:16]
+    vanilla_model = None
+    if (out / "vanilla" / RESULT_FILE).is_file():
+        records["vanilla"] = read_json(out / "vanilla" / RESULT_FILE)
+    else:
+        run.log("[vanilla] fine-tune with the LayerNorms")
+        result = finetune(run, ft_dm, remove=False)
+        vanilla_model = result.pop("model").cpu()
+        result["parameters"] = parameter_count(vanilla_model)
+        torch.save(vanilla_model.state_dict(), out / "vanilla" / "classifier.pt")
+        atomic_write_json(out / "vanilla" / RESULT_FILE, result)
+        records["vanilla"] = result
+    run.mark("vanilla", wall_s=run.wall())
+
+    if (out / "removed_without_finetune" / RESULT_FILE).is_file():
+        records["removed_without_finetune"] = read_json(
+            out / "removed_without_finetune" / RESULT_FILE)
+    else:
+        run.log("[removed without fine-tune] every norm fake at once, at its calibrated std")
+        if vanilla_model is None:
+            vanilla_model = finetune_classifier(run, ft_dm)
+            vanilla_model.load_state_dict(torch.load(out / "vanilla" / "classifier.pt",
+                                                     weights_only=True))
+        attach_fakeln(vanilla_model.cpu(), momentum=run.cfg.ln_removal.momentum)
+        stds = calibrate_fakeln(vanilla_model, calibration_images(run, dm))
+        FakeLNSchedule(vanilla_model, start=0, gap_norm2=0, gap_norm1_qk=0,
+                       gap_norm1=0).step()  # every norm at once
+        removal = fold_removed_norms(vanilla_model, probe_images)
+        result = {**test_result(run, vanilla_model, ft_dm), **removal, "stds": stds}
+        atomic_write_json(out / "removed_without_finetune" / RESULT_FILE, result)
+        records["removed_without_finetune"] = result
+    run.mark("removed_without_finetune", wall_s=run.wall())
+
+    if (out / "ln_free" / RESULT_FILE).is_file():
+        records["ln_free"] = read_json(out / "ln_free" / RESULT_FILE)
+    else:
+        run.log("[LN-free] fine-tune while FakeLN removes the norms on the official schedule")
+        result = finetune(run, ft_dm, remove=True)
+        model = result.pop("model")
+        fake = {k: result[k] for k in ("test_top1", "test_top5", "test_loss")}
+        removal = fold_removed_norms(model, probe_images)
+        result.update(test_result(run, model, ft_dm), **removal, fake_scores=fake)
+        atomic_write_json(out / "ln_free" / RESULT_FILE, result)
+        records["ln_free"] = result
+    run.mark("ln_free", wall_s=run.wall())
+    return records
+
+
+def finetune_classifier(run: Run, ft_dm) -> FineTuneClassifier:
+    """A classifier of the fine-tune's shape, to load the vanilla stage's weights into."""
+    ft = run.cfg.eval.finetune
+    backbone = evaluation_backbone(run, "random", ft.drop_path_rate, finetune=True)
+    return FineTuneClassifier(backbone, ft_dm.num_classes, base_lr=ft.base_lr,
+                              global_pool=ft.global_pool)
+
+
+def summary_table(run: Run, records: dict[str, dict]) -> None:
+    lines = ["## LayerNorm removal (test set)", "",
+             "| model | top-1 | loss | parameters | removed |", "|---|---:|---:|---:|---:|"]
+    names = {"vanilla": "fine-tuned with LayerNorm (before removal)",
+             "removed_without_finetune": "LayerNorm removed, no fine-tuning",
+             "ln_free": "LayerNorm removed during the fine-tune (LN-free)"}
+    for key, label in names.items():
+        r = records[key]
+        params = r.get("parameters_after", r.get("parameters", ""))
+        removed = r.get("params_removed", 0)
+        lines.append(f"| {label} | {r['test_top1']:.2f} | {r['test_loss']:.4f} | {params} | "
+                     f"{removed} |")
+    gap = records["ln_free"]["test_loss"] - records["vanilla"]["test_loss"]
+    lines += ["", f"LN-free minus vanilla fine-tune loss: {gap:+.4f} (the paper's bracket). "
+              "Folding the fake norms changed the logits by at most "
+              f"{records['ln_free']['max_abs_logit_change']:.2e}."]
+    atomic_write_text(run.dir / "tables" / "ln_removal.md", "\n".join(lines) + "\n")
+
+
+def run_ln_removal(run: Run) -> tuple[list[dict], int | None]:
+    dm = datamodule(run)
+    if not run.cfg.model.weights:
+        pretrain_stage(run, dm)
+        run.mark(wall_s=run.wall())
+    ft = run.cfg.eval.finetune
+    ft_dm = datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
+                       auto_augment=ft.auto_augment, reprob=ft.reprob)
+    (run.dir / "evals" / "vanilla").mkdir(parents=True, exist_ok=True)
+    records = run_stages(run, ft_dm, dm)
+    summary_table(run, records)
+    init = init_name(run, "pretrained")
+    rows = []
+    for key, protocol in STAGES.items():
+        rows += [{"init": init, "protocol": protocol, "metric": metric,
+                  "value": records[key][f"test_{metric}"]} for metric in ("top1", "loss")]
+    rows.append({"init": init, "protocol": STAGES["ln_free"], "metric": "params_removed",
+                 "value": records["ln_free"]["params_removed"]})
+    return rows, None if run.cfg.model.weights else run.cfg.pretrain.epochs
