@@ -100,3 +100,29 @@ def test_norm_must_fit_the_backbone_family():
     cfg = resolve_config("mae", flags={"model.backbone": "resnet18", "model.norm": "bcn_ws",
                                        "model.backbone_kwargs": {}})
     assert cfg.model.norm == "bcn_ws"
+
+
+def test_norm_options_are_checked_against_the_catalog_when_the_config_loads():
+    cfg = resolve_config("mae", sets=["model.norm_options={prepbn: {decay_fraction: 0.5}, "
+                                      "powernorm: {grad_scale: paper}}"])
+    assert cfg.model.norm_options["prepbn"] == {"decay_fraction": 0.5}
+    with pytest.raises(ConfigError, match="model.norm_options: norm 'prepbn' has no option"
+                                          r".*\['decay'\]; allowed: decay_fraction"):
+        resolve_config("mae", sets=["model.norm_options={prepbn: {decay: 0.5}}"])
+    with pytest.raises(ConfigError, match="model.norm_options: unknown norm 'nonorm'"):
+        resolve_config("mae", sets=["model.norm_options={nonorm: {}}"])
+    # batchnorm is a token and a conv norm: either entry's options are accepted
+    resolve_config("mae", sets=["model.norm_options={batchnorm: {momentum: 0.01}}"])
+
+
+def test_demo_and_paper_profiles_carry_the_official_schedules():
+    mae = resolve_config("mae", "paper", require_data=False)
+    assert mae.pretrain.effective_batch_size == 4096  # main_pretrain.py, on any device count
+    assert mae.eval.finetune.effective_batch_size == 1024
+    assert mae.eval.finetune.auto_augment == "rand-m9-mstd0.5-inc1"
+    assert mae.eval.finetune.reprob == 0.25
+    ablation = resolve_config("norm-ablation", "paper", require_data=False)
+    assert ablation.model.norm_options["prepbn"] == {"total_steps": 300000}  # SLAB deit.py
+    demo = resolve_config("norm-ablation")
+    assert demo.model.norm_options["prepbn"]["decay_fraction"] == 0.8  # 300000 / 375300
+    assert resolve_config("evonorm").ablation.conv.preact == ["batchnorm"]

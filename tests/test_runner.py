@@ -210,3 +210,52 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     os.utime(cut, (time.time() + 5, time.time() + 5))  # the newest file is the broken one
     assert resume_checkpoint(tmp_path) == str(whole)
     assert resume_checkpoint(tmp_path / "missing") is None
+
+
+def test_accumulation_reaches_the_effective_batch_on_any_device_count():
+    from visionbench.errors import ConfigError
+    from visionbench.runner.core import accumulation
+
+    assert accumulation(4096, 64, 1, "k") == 64  # the paper's batch on one GPU
+    assert accumulation(4096, 64, 8, "k") == 8
+    assert accumulation(None, 64, 8, "k") == 1
+    with pytest.raises(ConfigError, match="k: 4096 is not a multiple .* 48 per device x 2"):
+        accumulation(4096, 48, 2, "k")
+
+
+@pytest.mark.slow
+def test_effective_batch_accumulates_and_scales_the_lr(tmp_path):
+    bad = visionbench("run", "mae", *TINY, "--set", "pretrain.effective_batch_size=100",
+                      "--out", str(tmp_path / "bad"), cwd=tmp_path)
+    assert bad.returncode == 2 and "pretrain.effective_batch_size: 100" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # checked before any run folder
+    out = tmp_path / "runs"
+    result = visionbench("run", "mae", *TINY, "--set", "pretrain.epochs=2",
+                         "--set", "pretrain.effective_batch_size=64",
+                         "--set", "eval.finetune.enabled=false", "--out", str(out),
+                         "--leaderboard", str(tmp_path / "lb.csv"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "effective batch 64 = 32 x 1 device(s) x 2 accumulation steps" in result.stdout
+    # our own checkpoint (trusted): 3 batches an epoch make 2 optimizer steps (the last one
+    # with the epoch's remainder), 2 epochs
+    ckpt = torch.load(only_run(out) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_data_set_smaller_than_the_batch_trains_in_one_smaller_batch(tmp_path):
+    out = tmp_path / "runs"
+    result = visionbench("run", "mae", *TINY, "--set", "data.batch_size=500",
+                         "--set", "pretrain.epochs=1", "--set", "eval.finetune.enabled=false",
+                         "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fewer than the batch size 500: training with batches of 100" in result.stdout
+    from visionbench.errors import DataError
+    from visionbench.runner.core import fit_batch_size
+
+    class Silent:
+        def log(self, message):
+            pass
+
+    with pytest.raises(DataError, match="holds 1 sample"):
+        fit_batch_size(Silent(), 1, 8, "pretraining")

@@ -12,7 +12,7 @@ from visionbench.results.leaderboard import read_leaderboard
 
 TOY = [
     "--set", "data.image_size=32",
-    "--set", "data.batch_size=8",
+    "--set", "data.batch_size=64",  # more than the 26 images of the mix: a smaller batch
     "--set", "model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
              "num_heads: 2}",
     "--set", "unip.teacher.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 64, "
@@ -40,6 +40,9 @@ def test_unip_infrared_runs_every_stage_and_records_three_students(tmp_path):
     result = visionbench("run", "unip-infrared", *TOY, "--out", str(out), "--leaderboard",
                          str(board), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("[teacher] pretraining", "[mae student] pretraining", "[unip] distillation"):
+        assert (f"{stage}: the training set holds 26 samples, fewer than the batch size 64"
+                in result.stdout), stage
     run = only_run(out)
     for path in ("teacher/encoder.safetensors", "students/mae/encoder.safetensors",
                  "students/unip/encoder.safetensors", "nmi/nmi.json", "nmi/teacher_layer.json",
@@ -117,3 +120,25 @@ def test_missing_segmentation_set_is_one_line_before_any_run_folder(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no folder 'SODA'" in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_the_fine_tune_backbone_has_layer_scale_and_a_trainable_position_embedding(tmp_path):
+    from timm.layers import LayerScale
+
+    from visionbench.registry import get_experiment
+    from visionbench.runner.core import Run
+    from visionbench.runner.unip_infrared import protocol_cfg, segmentation_backbone
+
+    cfg = resolve_config("unip-infrared", sets=["unip.segmentation.schedules={thermal: "
+                                                "{max_steps: 30, warmup_steps: 3}}"])
+    run = Run(get_experiment("unip-infrared"), cfg, tmp_path, log=lambda message: None)
+    finetune = segmentation_backbone(run, "random", layer_scale=1.0, finetune=True)
+    scales = [m for m in finetune.modules() if isinstance(m, LayerScale)]
+    assert len(scales) == 2 * len(finetune.blocks)
+    assert all(bool((m.gamma == 1.0).all()) for m in scales)  # backbone/mae.py init_values=1.
+    assert finetune.pos_embed.requires_grad
+    linear = segmentation_backbone(run, "random")
+    assert not any(isinstance(m, LayerScale) for m in linear.modules())
+    schedule = protocol_cfg(run, "finetune", "thermal")  # the data set's own schedule
+    assert (schedule["epochs"], schedule["max_steps"], schedule["warmup_steps"]) == (None, 30, 3)
+    assert protocol_cfg(run, "finetune", "soda")["epochs"] == 10  # no schedule: the protocol's

@@ -170,3 +170,32 @@ def test_datamodule_loaders(tmp_path: Path) -> None:
     assert isinstance(ordered.dataset, TransformedDataset)
     with pytest.raises(ConfigError):
         dm.eval_dataloader("holdout")
+
+
+def test_finetune_transform_is_maes_and_eval_crops_at_0875():
+    """util/datasets.py: timm's create_transform with RandAugment rand-m9-mstd0.5-inc1 and
+    RandomErasing 0.25; eval: Resize(size / 0.875) then CenterCrop(size)."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    from visionbench.data.datamodule import build_transform
+
+    train = build_transform(32, 3, [0.5] * 3, [0.2] * 3, True, "finetune",
+                            "rand-m9-mstd0.5-inc1", 0.25)
+    steps = train.transforms
+    policy = next(t for t in steps if isinstance(t, RandAugment))
+    assert policy.num_layers == 2 and all(op.magnitude == 9 for op in policy.ops)
+    erasing = next(t for t in steps if isinstance(t, RandomErasing))
+    assert erasing.probability == 0.25 and erasing.mode == "pixel"
+    assert isinstance(steps[-1], RandomErasing)  # after Normalize, as timm's
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8))
+    torch.manual_seed(0)
+    assert all(train(image).shape == (3, 32, 32) for _ in range(50))
+    grey = build_transform(32, 1, [0.5], [0.2], True, "finetune", "rand-m9-mstd0.5-inc1", 0.25)
+    assert grey(image).shape == (1, 32, 32)
+    evaluation = build_transform(224, 3, [0.5] * 3, [0.2] * 3, False)
+    resize = next(t for t in evaluation.transforms if isinstance(t, T.Resize))
+    assert resize.size == 256  # 224 / 0.875
+    with pytest.raises(ConfigError, match="auto_augment"):
+        build_transform(32, 3, [0.5] * 3, [0.2] * 3, True, "finetune", "nonsense-policy", 0.0)

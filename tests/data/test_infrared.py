@@ -20,6 +20,7 @@ from visionbench.data.infrared import (
     SegmentationTransform,
     SODADataset,
     detect_segmentation_format,
+    photometric_distortion,
     read_segmentation_dataset,
 )
 from visionbench.errors import DataError
@@ -286,3 +287,45 @@ def test_infmix_mixes_infrared_and_greyed_rgb(tmp_path: Path) -> None:
     assert tensors[0].shape == (H, W, 3)
     with pytest.raises(DataError, match="not found"):
         InfMixDataset([tmp_path / "nope"])
+
+
+def test_photometric_distortion_is_seeded_and_keeps_grey_images_grey() -> None:
+    img = np.stack([grey(1)] * 3, axis=-1)
+    torch.manual_seed(3)
+    a = photometric_distortion(img)
+    torch.manual_seed(3)
+    b = photometric_distortion(img)
+    assert np.array_equal(a, b) and a.dtype == np.uint8 and a.shape == img.shape
+    assert np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])
+    changed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        changed += not np.array_equal(photometric_distortion(img), img)
+    assert changed > 10  # each step fires with probability 1/2
+    flat = np.full((8, 8, 3), 100, np.uint8)
+    torch.manual_seed(0)
+    out = photometric_distortion(flat)
+    assert out.min() >= 0 and out.max() <= 255
+
+
+def test_random_crop_avoids_one_class_crops_as_cat_max_ratio_asks() -> None:
+    labels = np.zeros((64, 64), np.int64)
+    labels[:, 56:] = 1  # class 1 only in an 8-column strip at the right
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    plain = SegmentationTransform(size=16, train=True, cat_max_ratio=1.0)
+    strict = SegmentationTransform(size=16, train=True, cat_max_ratio=0.75)
+    mixed_plain = mixed_strict = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        mixed_plain += len(np.unique(plain._crop(pixels, labels)[1])) > 1
+        torch.manual_seed(seed)
+        window = strict._crop(pixels, labels)[1]
+        mixed_strict += len(np.unique(window)) > 1 and (window == 0).mean() < 0.75
+    assert mixed_strict > mixed_plain  # up to 10 draws for a crop no class dominates
+
+
+def test_eval_keeps_the_mask_at_the_label_resolution(tmp_path: Path) -> None:
+    root = make_soda(tmp_path / "soda")
+    x, y = SODADataset(root, "test", SegmentationTransform(size=16, original_mask=True))[0]
+    assert x.shape == (3, 16, 20) and y.shape == (H, W)
+    assert torch.equal(y, torch.from_numpy(label_map(2, 21).astype(np.int64)))

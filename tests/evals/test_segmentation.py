@@ -259,3 +259,26 @@ def test_inputs_below_the_coarsest_stride_are_refused():
     model = SegmentationModel(tiny_vit(img_size=16, patch_size=8), num_classes=2, channels=8)
     with pytest.raises(ConfigError, match="at least 32 px"):
         model(torch.randn(2, 3, 16, 16))
+
+
+def test_test_step_scores_at_the_label_resolution():
+    """Logits are resized (bilinear) to the mask's size, as mmseg's rescale to ori_shape."""
+    from visionbench.evals.segmentation import SegmentationFineTuner
+
+    class Halves(nn.Module):  # class 0 left, class 1 right, at the input's resolution
+        num_classes = 2
+
+        def forward(self, images):
+            b, _, h, w = images.shape
+            logits = torch.zeros(b, 2, h, w)
+            logits[:, 0, :, : w // 2] = 5
+            logits[:, 1, :, w // 2:] = 5
+            return logits
+
+    module = SegmentationFineTuner(Halves(), 2, inference="whole")
+    masks = torch.zeros(1, 16, 24, dtype=torch.long)
+    masks[..., 12:] = 1
+    module.test_step((torch.randn(1, 3, 8, 12), masks), 0)
+    confmat = module.test_confmat.compute()
+    assert int(confmat.sum()) == 16 * 24  # every label pixel scored
+    assert torch.equal(confmat, torch.tensor([[16 * 12, 0], [0, 16 * 12]]))

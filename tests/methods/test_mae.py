@@ -241,6 +241,14 @@ def test_weight_decay_groups_and_linear_lr_scaling():
     assert "encoder.pos_embed" not in {names[i] for i in decay | no_decay}  # frozen
     assert model.base_lr == pytest.approx(1.5e-4 * 512 / 256)
 
+    class Trainer:  # what configure_optimizers reads: 4096 = 512 x 4 accumulation x 2 ranks
+        accumulate_grad_batches, world_size = 4, 2
+
+    model._trainer = Trainer()
+    optimizer = model.configure_optimizers()
+    assert model.base_lr == pytest.approx(1.5e-4 * 4096 / 256)  # main_pretrain.py
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(model.base_lr)
+
 
 def test_half_cycle_cosine_schedule():
     assert half_cycle_cosine(0, 1.0, 0.0, 4, 20) == 0.0

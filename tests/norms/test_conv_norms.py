@@ -328,3 +328,24 @@ def test_selu_resnet_has_selu_lecun_init_and_no_norms():
         create_resnet("resnet18", norm="groupnorm", alpha_dropout=0.1)
     with pytest.raises(ConfigError, match="alpha_dropout"):
         create_resnet("resnet18", norm="selu", alpha_dropout=1.5)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "groupnorm"])
+def test_preact_resnet_takes_bn_relu_as_the_evonorm_baseline(norm):
+    """Like with like: the EvoNorm entries' baseline is the same pre-activation ResNetV2."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    model = create_resnet("resnet18", norm=norm, preact=True, in_chans=3)
+    evonorm = create_resnet("resnet18", norm="evonorm_b0", in_chans=3)
+    assert isinstance(model, ResNetV2) and isinstance(evonorm, ResNetV2)
+    kind = BatchNormAct2d if norm == "batchnorm" else GroupNormAct
+    norms = [m for m in model.modules() if isinstance(m, kind)]
+    evos = [m for m in evonorm.modules() if isinstance(m, EvoNorm2dB0)]
+    assert len(norms) == len(evos)  # one norm-act in each place an EvoNorm goes
+    shapes = [p.shape for n, p in model.named_parameters() if "conv" in n]
+    assert shapes == [p.shape for n, p in evonorm.named_parameters() if "conv" in n]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(ConfigError, match="needs the pre-activation ResNet"):
+        create_resnet("resnet18", norm="evonorm_s0", preact=False)
+    with pytest.raises(ConfigError, match="pre-activation ResNet takes one of"):
+        create_resnet("resnet18", norm="bcn_ws", preact=True)

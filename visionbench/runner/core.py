@@ -272,11 +272,11 @@ def fit_stage(
     a fit that still ran no optimizer step is an error, never a finished stage.
     """
     train_size = len(dm.train_dataloader().dataset)
-    batch = fit_batch_size(run, train_size, dm.batch_size, label)
-    if batch != dm.batch_size:
-        dm.batch_size = batch
-        if hasattr(module, "batch_size"):
-            module.batch_size = batch
+    wanted = getattr(module, "batch_size", dm.batch_size)  # the batch the lr is scaled by
+    batch = fit_batch_size(run, train_size, wanted, label)
+    dm.batch_size = batch
+    if hasattr(module, "batch_size"):
+        module.batch_size = batch
     kwargs = run.trainer_kwargs(distributed=distributed)
     world = check_trainer_settings(run.cfg) if distributed else 1
     accumulate = accumulation(effective_batch_size, dm.batch_size, world, effective_key)
