@@ -101,7 +101,8 @@ def test_sets(run: Run) -> tuple[CorruptedSet, ImageFolderDataset | None]:
                             train_per_class=d.synth.train_per_class,
                             val_per_class=d.synth.val_per_class,
                             test_per_class=d.synth.test_per_class)
-    tag = config_hash({"corruptions": a.corruptions, "severities": a.severities})
+    tag = config_hash({"corruptions": a.corruptions, "severities": a.severities,
+                       "seed": run.cfg.seed, "crop_to": d.image_size})
     out = shapes.parent / f"{shapes.name}-c{tag}"
     run.log("preparing the corrupted copies of the test split (written once to the cache)")
     prepare_corrupted(shapes / "test", out, run.cfg.seed, tuple(a.corruptions),

@@ -163,25 +163,39 @@ def eval_stage(run: Run, init: str, dm) -> None:
     ft = e.finetune
     if ft.enabled and not (out / "finetune.json").is_file():
         run.log(f"[{name}] fine-tune, {ft.epochs} epochs")
-        ft_dm = datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
-                           auto_augment=ft.auto_augment, reprob=ft.reprob)
-        backbone = evaluation_backbone(run, init, ft.drop_path_rate, finetune=True)
-        accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
-                                  "eval.finetune.effective_batch_size")
-        result = run_finetune(
-            backbone,
-            ft_dm.train_dataloader(),
-            ft_dm.val_dataloader(),
-            ft_dm.test_dataloader(),
-            ft_dm.num_classes,
-            {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
-                                      "effective_batch_size", "auto_augment", "reprob"}),
-             "seed": run.cfg.seed},
-            {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
-            out / "finetune_logs",
-            callbacks=(NormSchedules(run.log),),
-        )
+        result = finetune_stage(run, finetune_datamodule(run), init, out / "finetune_logs")
         atomic_write_json(out / "finetune.json", result)
+
+
+def finetune_datamodule(run: Run):
+    """The training images through MAE's fine-tune transform (``eval.finetune``)."""
+    ft = run.cfg.eval.finetune
+    return datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
+                      auto_augment=ft.auto_augment, reprob=ft.reprob)
+
+
+def finetune_stage(run: Run, ft_dm, init: str, out_dir: Path, callbacks: tuple = (),
+                   keep_model: bool = False) -> dict:
+    """``eval.finetune`` (MAE's recipe) of the ``init`` backbone, its effective batch by
+    accumulation, the norm schedules bound to it."""
+    ft = run.cfg.eval.finetune
+    backbone = evaluation_backbone(run, init, ft.drop_path_rate, finetune=True)
+    accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
+                              "eval.finetune.effective_batch_size")
+    return run_finetune(
+        backbone,
+        ft_dm.train_dataloader(),
+        ft_dm.val_dataloader(),
+        ft_dm.test_dataloader(),
+        ft_dm.num_classes,
+        {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
+                                  "effective_batch_size", "auto_augment", "reprob"}),
+         "seed": run.cfg.seed},
+        {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
+        out_dir,
+        callbacks=(NormSchedules(run.log), *callbacks),
+        keep_model=keep_model,
+    )
 
 
 def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:

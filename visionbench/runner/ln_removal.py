@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from visionbench.evals.finetune import FineTuneClassifier, run_finetune, test_scores
+from visionbench.evals.finetune import FineTuneClassifier, test_scores
 from visionbench.norms.conversions import (
     FakeLayerNorm,
     FakeLNSchedule,
@@ -33,15 +33,17 @@ from visionbench.norms.conversions import (
     calibrate_fakeln,
     remove_fake_layernorms,
 )
-from visionbench.norms.schedules import LayerNormRemoval, NormSchedules
+from visionbench.norms.schedules import LayerNormRemoval
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
 from visionbench.runner.classification import (
     datamodule,
     evaluation_backbone,
+    finetune_datamodule,
+    finetune_stage,
     init_name,
     pretrain_stage,
 )
-from visionbench.runner.core import Run, accumulation
+from visionbench.runner.core import Run
 
 STAGES = {"vanilla": "finetune", "removed_without_finetune": "ln_removed_no_finetune",
           "ln_free": "ln_free_finetune"}  # folder -> leaderboard protocol
@@ -74,23 +76,12 @@ def fold_removed_norms(model: FineTuneClassifier, images: torch.Tensor) -> dict:
 def finetune(run: Run, ft_dm, remove: bool) -> dict:
     """The fine-tune of ``eval.finetune`` from the pretrained weights, with FakeLN when
     ``remove``; the result keeps the trained classifier under ``"model"``."""
-    ft, r = run.cfg.eval.finetune, run.cfg.ln_removal
-    backbone = evaluation_backbone(run, "pretrained", ft.drop_path_rate, finetune=True)
-    callbacks = [NormSchedules(run.log)]
-    if remove:
-        callbacks.append(LayerNormRemoval(r.gap_norm2, r.gap_norm1_qk, r.gap_norm1, r.momentum,
-                                          log=run.log))
-    accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
-                              "eval.finetune.effective_batch_size")
+    r = run.cfg.ln_removal
+    callbacks = (LayerNormRemoval(r.gap_norm2, r.gap_norm1_qk, r.gap_norm1, r.momentum,
+                                  log=run.log),) if remove else ()
     name = "ln_free" if remove else "vanilla"
-    return run_finetune(
-        backbone, ft_dm.train_dataloader(), ft_dm.val_dataloader(), ft_dm.test_dataloader(),
-        ft_dm.num_classes,
-        {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
-                                  "effective_batch_size", "auto_augment", "reprob"}),
-         "seed": run.cfg.seed},
-        {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
-        run.dir / "evals" / name / "logs", callbacks=tuple(callbacks), keep_model=True)
+    return finetune_stage(run, ft_dm, "pretrained", run.dir / "evals" / name / "logs",
+                          callbacks=callbacks, keep_model=True)
 
 
 def calibration_images(run: Run, dm) -> list[torch.Tensor]:
@@ -193,9 +184,7 @@ def run_ln_removal(run: Run) -> tuple[list[dict], int | None]:
     if not run.cfg.model.weights:
         pretrain_stage(run, dm)
         run.mark(wall_s=run.wall())
-    ft = run.cfg.eval.finetune
-    ft_dm = datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
-                       auto_augment=ft.auto_augment, reprob=ft.reprob)
+    ft_dm = finetune_datamodule(run)
     (run.dir / "evals" / "vanilla").mkdir(parents=True, exist_ok=True)
     records = run_stages(run, ft_dm, dm)
     summary_table(run, records)
