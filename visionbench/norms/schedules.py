@@ -39,12 +39,12 @@ def set_fit_lengths(model: nn.Module, optimizer_steps: int, warmup_forwards: int
     was set, one line per kind, for the log."""
     notes = []
     fresh = [m for m in prepbn_layers(model) if int(m.step) == 0 and m.decay_fraction]
+    for m in fresh:
+        m.total_steps.fill_(max(1, round(m.decay_fraction * optimizer_steps)))
     if fresh:
-        total = max(1, round(fresh[0].decay_fraction * optimizer_steps))
-        for m in fresh:
-            m.total_steps.fill_(max(1, round(m.decay_fraction * optimizer_steps)))
-        notes.append(f"prepbn: lambda reaches 0 after {total} of {optimizer_steps} optimizer "
-                     f"steps (decay_fraction {fresh[0].decay_fraction})")
+        notes.append(f"prepbn: lambda reaches 0 after {int(fresh[0].total_steps)} of "
+                     f"{optimizer_steps} optimizer steps (decay_fraction "
+                     f"{fresh[0].decay_fraction})")
     waiting = [m for m in model.modules()
                if isinstance(m, PowerNorm) and m.warmup_iters == LR_WARMUP]
     for m in waiting:
