@@ -9,7 +9,7 @@ from visionbench.backbones.weights import load_classifier_weights
 from visionbench.errors import WeightsError
 from visionbench.evals.supervised import SupervisedClassifier
 from visionbench.results.leaderboard import read_leaderboard
-from visionbench.runner.alpha_bn import corruption_errors, top1_per_alpha
+from visionbench.runner.recipes.alpha_bn import corruption_errors, top1_per_alpha
 
 TOY = [
     "--set", "data.synth={train_per_class: 8, val_per_class: 2, test_per_class: 4}",

@@ -97,9 +97,18 @@ def test_norm_must_fit_the_backbone_family():
         resolve_config("mae", flags={"model.norm": "evonorm_b0"})
     with pytest.raises(ConfigError, match="norm 'dyt' does not fit resnet18, which takes conv"):
         resolve_config("mae", flags={"model.backbone": "resnet18", "model.norm": "dyt"})
-    cfg = resolve_config("mae", flags={"model.backbone": "resnet18", "model.norm": "bcn_ws",
-                                       "model.backbone_kwargs": {}})
+    cfg = resolve_config("alpha-bn", flags={"model.backbone": "resnet18",
+                                            "model.norm": "bcn_ws", "model.backbone_kwargs": {}})
     assert cfg.model.norm == "bcn_ws"
+    cfg = resolve_config("alpha-bn", sets=["model.norm=null"])
+    assert cfg.model.norm == "batchnorm"  # the family's
+
+
+def test_a_method_names_the_families_it_pretrains():
+    with pytest.raises(ConfigError, match="pretrain.method: mae pretrains vit backbones, not "
+                                          r"resnet50 \(resnet\)"):
+        resolve_config("mae", sets=["model.norm=null"], flags={"model.backbone": "resnet50",
+                                                               "model.backbone_kwargs": {}})
 
 
 def test_norm_options_are_checked_against_the_catalog_when_the_config_loads():

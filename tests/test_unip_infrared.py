@@ -15,21 +15,21 @@ TOY = [
     "--set", "data.batch_size=64",  # more than the 26 images of the mix: a smaller batch
     "--set", "model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
              "num_heads: 2}",
-    "--set", "unip.teacher.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 64, "
+    "--set", "pretrain.teacher.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 64, "
              "depth: 3, num_heads: 4}",
-    "--set", "unip.teacher.layer=1",
-    "--set", "unip.synth={n_train: 16, n_test: 8, n_pretrain: 16, shapes_per_class: 1}",
+    "--set", "pretrain.teacher.layer=1",
+    "--set", "pretrain.synth={n_train: 16, n_test: 8, n_pretrain: 16, shapes_per_class: 1}",
+    "--set", "pretrain.mae.epochs=1",
+    "--set", "pretrain.mae.decoder_embed_dim=16",
+    "--set", "pretrain.mae.decoder_num_heads=2",
+    "--set", "pretrain.teacher.epochs=1",
     "--set", "pretrain.epochs=1",
-    "--set", "pretrain.decoder_embed_dim=16",
-    "--set", "pretrain.decoder_num_heads=2",
-    "--set", "unip.teacher.epochs=1",
-    "--set", "unip.distill.epochs=1",
-    "--set", "unip.nmi.images=4",
-    "--set", "unip.segmentation.crop_size=32",
-    "--set", "unip.segmentation.figure_images=2",
-    "--set", "unip.segmentation.finetune={epochs: 1, batch_size: 8, head: fpn, "
+    "--set", "pretrain.nmi.images=4",
+    "--set", "eval.segmentation.crop_size=32",
+    "--set", "eval.segmentation.figure_images=2",
+    "--set", "eval.segmentation.finetune={epochs: 1, batch_size: 8, head: fpn, "
              "inference: whole}",
-    "--set", "unip.segmentation.linear={epochs: 1, batch_size: 8, inference: whole, "
+    "--set", "eval.segmentation.linear={epochs: 1, batch_size: 8, inference: whole, "
              "layer_decay: null}",
 ]  # fmt: skip
 
@@ -67,38 +67,38 @@ def test_unip_infrared_runs_every_stage_and_records_three_students(tmp_path):
 def test_paper_profile_reads_the_segmentation_sets_from_data_root(tmp_path):
     with pytest.raises(ConfigError, match="--data-root"):
         resolve_config("unip-infrared", "paper")
-    with pytest.raises(ConfigError, match="unip.teacher.weights: the teacher is a local"):
+    with pytest.raises(ConfigError, match="pretrain.teacher.weights: the teacher is a local"):
         resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)})
     teacher = tmp_path / "mae_pretrain_vit_large.pth"
     teacher.write_bytes(b"")
     cfg = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path),
-                                                          "unip.teacher.weights": str(teacher)})
-    assert cfg.unip.segmentation.datasets == ["soda", "mfnet", "scut-seg"]
-    assert cfg.unip.teacher.layer == 17  # MAE-L block 18 (1-based), as the paper
-    assert cfg.unip.distill.epochs == 100 and cfg.unip.distill.blr == 1.5e-4
-    assert cfg.unip.distill.effective_batch_size == 4096  # lr 1.5e-4 x 4096 / 256 = 2.4e-3
+                                                          "pretrain.teacher.weights": str(teacher)})
+    assert cfg.eval.segmentation.datasets == ["soda", "mfnet", "scut-seg"]
+    assert cfg.pretrain.teacher.layer == 17  # MAE-L block 18 (1-based), as the paper
+    assert cfg.pretrain.epochs == 100 and cfg.pretrain.blr == 1.5e-4
+    assert cfg.pretrain.effective_batch_size == 4096  # lr 1.5e-4 x 4096 / 256 = 2.4e-3
     schedules = {k: (v.max_steps, v.warmup_steps)
-                 for k, v in cfg.unip.segmentation.schedules.items()}
+                 for k, v in cfg.eval.segmentation.schedules.items()}
     assert schedules == {"soda": (14400, 1500), "mfnet": (9800, 1000),
                          "scut-seg": (16800, 1700)}
-    assert cfg.unip.segmentation.finetune.layer_scale == 1.0
-    assert cfg.unip.segmentation.cat_max_ratio == 0.75 and cfg.unip.segmentation.photometric
+    assert cfg.eval.segmentation.finetune.layer_scale == 1.0
+    assert cfg.eval.segmentation.cat_max_ratio == 0.75 and cfg.eval.segmentation.photometric
     # pretraining a teacher in the run stays an explicit option
     made_here = resolve_config("unip-infrared", "paper", flags={"data.root": str(tmp_path)},
-                               sets=["unip.teacher.source=pretrain"])
-    assert made_here.unip.teacher.weights is None
+                               sets=["pretrain.teacher.source=pretrain"])
+    assert made_here.pretrain.teacher.weights is None
 
 
 def test_nmi_thresholds_must_be_ordered():
     with pytest.raises(ConfigError, match="global_threshold must be below local_threshold"):
-        resolve_config("unip-infrared", sets=["unip.nmi.global_threshold=0.5"])
+        resolve_config("unip-infrared", sets=["pretrain.nmi.global_threshold=0.5"])
 
 
 def test_demo_profile_uses_the_embedded_thermal_set():
     cfg = resolve_config("unip-infrared")
-    assert cfg.unip.segmentation.datasets == ["thermal"]
-    assert cfg.unip.students == ["unip", "mae", "random"]
-    teacher = cfg.unip.teacher.backbone_kwargs
+    assert cfg.eval.segmentation.datasets == ["thermal"]
+    assert cfg.pretrain.students == ["unip", "mae", "random"]
+    teacher = cfg.pretrain.teacher.backbone_kwargs
     student = cfg.model.backbone_kwargs
     assert teacher["embed_dim"] > student["embed_dim"]  # the teacher is the larger model
     assert teacher["depth"] > student["depth"]
@@ -112,9 +112,9 @@ def test_missing_segmentation_set_is_one_line_before_any_run_folder(tmp_path):
                          "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2  # no teacher checkpoint: one line, before anything else
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unip.teacher.weights" in lines[0], result.stderr
+    assert len(lines) == 1 and "pretrain.teacher.weights" in lines[0], result.stderr
     result = visionbench("run", "unip-infrared", "--profile", "paper", "--data-root", str(data),
-                         "--set", "unip.teacher.source=pretrain", "--out", str(out),
+                         "--set", "pretrain.teacher.source=pretrain", "--out", str(out),
                          cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -127,9 +127,9 @@ def test_the_fine_tune_backbone_has_layer_scale_and_a_trainable_position_embeddi
 
     from visionbench.registry import get_experiment
     from visionbench.runner.core import Run
-    from visionbench.runner.unip_infrared import protocol_cfg, segmentation_backbone
+    from visionbench.runner.recipes.unip_infrared import protocol_cfg, segmentation_backbone
 
-    cfg = resolve_config("unip-infrared", sets=["unip.segmentation.schedules={thermal: "
+    cfg = resolve_config("unip-infrared", sets=["eval.segmentation.schedules={thermal: "
                                                 "{max_steps: 30, warmup_steps: 3}}"])
     run = Run(get_experiment("unip-infrared"), cfg, tmp_path, log=lambda message: None)
     finetune = segmentation_backbone(run, "random", layer_scale=1.0, finetune=True)

@@ -116,6 +116,9 @@ def run(
     precision: str | None = typer.Option(None, help="bf16-mixed, 16-mixed or 32-true"),
     max_epochs: int | None = typer.Option(None, "--max-epochs", help="pretraining epochs"),
     seed: int | None = typer.Option(None),
+    seeds: str | None = typer.Option(None, help="run each seed, e.g. 0,1,2: mean and std rows"),
+    fast_dev_run: bool = typer.Option(False, "--fast-dev-run",
+                                      help="every stage on two batches: a dry run, no rows"),
     out: Path = typer.Option(RUNS_DIR, help="folder of run folders"),
     resume: Path | None = typer.Option(None, help="continue this interrupted run folder"),
     leaderboard: Path = typer.Option(LEADERBOARD, help="leaderboard CSV the run adds rows to"),
@@ -124,9 +127,11 @@ def run(
     from visionbench.config import resolve_config
     from visionbench.registry import get_experiment
     from visionbench.runner import execute
+    from visionbench.runner.core import is_global_zero
 
     get_experiment(name)
-    cfg = None
+    seed_list = _seeds(seeds, seed)
+    cfgs = [None]
     if resume is None:
         flags = {
             "model.backbone": backbone,
@@ -137,16 +142,44 @@ def run(
             "trainer.num_nodes": num_nodes,
             "trainer.precision": precision,
             "pretrain.epochs": max_epochs,
-            "seed": seed,
+            "trainer.fast_dev_run": fast_dev_run or None,
         }
-        cfg = resolve_config(name, profile, set_, flags)
-    elif set_ or any(v is not None for v in (backbone, norm, data_root, max_epochs, seed)):
+        # every seed's config is validated before the first run starts
+        # a new backbone without --norm takes its family's norm
+        sets = (["model.norm=null"] if backbone and norm is None else []) + list(set_)
+        cfgs = [resolve_config(name, profile, sets, {**flags, "seed": s}) for s in seed_list]
+    elif set_ or seeds or fast_dev_run or any(
+            v is not None for v in (backbone, norm, data_root, max_epochs, seed)):
         raise UserError("--resume continues a run with its own config; drop the overrides")
     _quiet_libraries()
-    run_dir = execute(name, cfg, out, resume=resume, leaderboard=leaderboard,
-                      log=lambda msg: console.print(f"[cyan]visionbench[/cyan] {escape(msg)}",
-                                                    highlight=False))
-    _print_summary(run_dir)
+    run_dirs = []
+    for cfg in cfgs:
+        run_dirs.append(execute(
+            name, cfg, out, resume=resume, leaderboard=leaderboard,
+            log=lambda msg: console.print(f"[cyan]visionbench[/cyan] {escape(msg)}",
+                                          highlight=False)))
+        if is_global_zero():
+            _print_summary(run_dirs[-1])
+    if len(run_dirs) > 1 and is_global_zero() and not fast_dev_run:
+        from visionbench.results.leaderboard import aggregate_seeds
+
+        aggregate_seeds(leaderboard, run_dirs)
+        console.print(f"{leaderboard}: mean and std over seeds {', '.join(map(str, seed_list))}")
+
+
+def _seeds(seeds: str | None, seed: int | None) -> list[int | None]:
+    if seeds is None:
+        return [seed]
+    if seed is not None:
+        raise UserError("give --seed or --seeds, not both")
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected integers separated by commas, "
+                        "e.g. 0,1,2") from None
+    if not values or len(set(values)) < len(values):
+        raise UserError(f"--seeds {seeds!r}: expected distinct integers, e.g. 0,1,2")
+    return values
 
 
 def _devices(value: str | None):

@@ -9,16 +9,17 @@ A config file has ``experiment``, ``defaults`` (the whole config) and ``profiles
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -26,22 +27,20 @@ from pydantic import (
 )
 
 from visionbench.errors import ConfigError
+from visionbench.methods import method_configs
+from visionbench.schema import LocalFile, Schedule, Strict
+
+__all__ = ["LocalFile", "Schedule", "Strict"]  # the shared pieces, re-exported
 
 PROFILES = ("demo", "paper")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # in an installed wheel
+SOURCE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # in a source checkout
+CONFIG_DIR = SOURCE_CONFIGS if SOURCE_CONFIGS.is_dir() else PACKAGE_CONFIGS
 
-
-def _existing_file(value: str | None) -> str | None:
-    if value is not None and not Path(value).expanduser().is_file():
-        raise ValueError(f"weights file {value} not found")
-    return value
-
-
-LocalFile = Annotated[str | None, AfterValidator(_existing_file)]  # weights: local files only
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# every method config, keyed by its ``method`` tag (each method file registers its own)
+PretrainConfig = Annotated[functools.reduce(operator.or_, method_configs()),
+                           Field(discriminator="method")]
+PRETRAIN_ADAPTER = TypeAdapter(PretrainConfig)
 
 
 class SynthConfig(Strict):
@@ -82,7 +81,7 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     backbone: str = "vit_base_patch16_224"
     backbone_kwargs: dict[str, Any] = {}
-    norm: str = "layernorm"
+    norm: str | None = None  # None: the backbone family's default (layernorm for ViTs, ...)
     placement: str = "pre"
     weights: LocalFile = None
     # per catalog norm, options over its defaults, used wherever that norm is built (e.g.
@@ -128,44 +127,26 @@ class ModelConfig(Strict):
 
     @field_validator("norm")
     @classmethod
-    def _known_norm(cls, value: str) -> str:
+    def _known_norm(cls, value: str | None) -> str | None:
         from visionbench.norms import list_norms
 
-        if value not in list_norms():
+        if value is not None and value not in list_norms():
             raise ValueError(f"unknown norm {value!r}; allowed: {', '.join(list_norms())}")
         return value
 
     @model_validator(mode="after")
     def _norm_fits_backbone(self) -> ModelConfig:
-        from visionbench.backbones import backbone_family
+        from visionbench.backbones import family_of
         from visionbench.norms import list_norms
 
-        kind = "token" if backbone_family(self.backbone) == "vit" else "conv"
-        if self.norm not in list_norms(kind):
+        family = family_of(self.backbone)
+        if self.norm is None:  # the family's own
+            self.__dict__["norm"] = family.default_norm
+        if self.norm not in list_norms(family.norm_kind):
             raise ValueError(f"norm {self.norm!r} does not fit {self.backbone}, which takes "
-                             f"{kind} norms: {', '.join(list_norms(kind))}")
+                             f"{family.norm_kind} norms: "
+                             f"{', '.join(list_norms(family.norm_kind))}")
         return self
-
-
-class MAEConfig(Strict):
-    method: Literal["mae"] = "mae"
-    epochs: int = Field(800, gt=0)
-    warmup_epochs: float = Field(40, ge=0)
-    blr: float = Field(1.5e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    mask_ratio: float = Field(0.75, ge=0, lt=1)
-    norm_pix_loss: bool = True
-    decoder_embed_dim: int = Field(512, gt=0)
-    decoder_depth: int = Field(8, gt=0)
-    decoder_num_heads: int = Field(16, gt=0)
-    checkpoint_every_n_steps: int = Field(50, gt=0)
-    val_every_n_epochs: int = Field(1, gt=0)
-    official_weights: LocalFile = None
-    figure_images: int = Field(8, gt=0)
-    # the paper's batch (4096) on any device count: gradient accumulation over data.batch_size
-    # x devices; the lr scales with it (main_pretrain.py). None: no accumulation
-    effective_batch_size: int | None = Field(None, gt=0)
 
 
 class TrainerConfig(Strict):
@@ -173,6 +154,9 @@ class TrainerConfig(Strict):
     devices: int | str = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, gt=0)
+    # every stage on two batches (Lightning's fast_dev_run across the recipe): a dry run that
+    # checks a run's wiring and writes no leaderboard rows
+    fast_dev_run: bool = False
     precision: Literal["bf16-mixed", "16-mixed", "32-true", "32", "bf16-true", "64-true"] | None = (
         None
     )
@@ -220,13 +204,6 @@ class FinetuneConfig(Strict):
     reprob: float = Field(0.25, ge=0, le=1)
 
 
-class EvalConfig(Strict):
-    inits: list[Literal["pretrained", "random"]] = ["pretrained", "random"]
-    pooling: Literal["cls", "mean", "lastk"] = "cls"
-    last_k: int = Field(4, gt=0)
-    linear_probe: ProbeConfig = ProbeConfig()
-    knn: KNNConfig = KNNConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
 
 
 class AblationEntry(Strict):
@@ -316,54 +293,6 @@ class AblationConfig(Strict):
         return self
 
 
-class TeacherConfig(Strict):
-    """UNIP's teacher: a local pretrained ViT (the official scripts distil the ImageNet MAE-L
-    checkpoint), or, as an explicit option, one pretrained here by MAE on the mix."""
-
-    backbone: str = "vit_large_patch16_224"
-    backbone_kwargs: dict[str, Any] = {}
-    source: Literal["weights", "pretrain"] = "weights"
-    weights: LocalFile = None  # timm or official MAE layout (source: weights)
-    epochs: int = Field(800, gt=0)  # MAE epochs when the teacher is pretrained here
-    layer: int | None = Field(None, ge=0)  # 0-based distilled block; None: deepest hybrid (NMI)
-
-    def check_source(self) -> None:
-        """Checked when the run is resolved (``visionbench show`` does not need the file)."""
-        if self.source == "weights" and self.weights is None:
-            raise ValueError("unip.teacher.weights: the teacher is a local checkpoint (the "
-                             "official scripts distil ImageNet MAE-L); give its file, or set "
-                             "unip.teacher.source=pretrain to pretrain one by MAE in the run")
-        if self.source == "pretrain" and self.weights is not None:
-            raise ValueError("unip.teacher: weights are given but source is 'pretrain'; "
-                             "set source=weights to distil them")
-
-
-class DistillConfig(Strict):
-    """NMI-HAD distillation (casiatao/UNIP UNIP_pretraining/train_scripts)."""
-
-    epochs: int = Field(100, gt=0)
-    warmup_epochs: float = Field(5, ge=0)
-    blr: float = Field(1.5e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    checkpoint_every_n_steps: int = Field(1000, gt=0)
-    effective_batch_size: int | None = Field(None, gt=0)  # official 4096, by accumulation
-
-
-class NMIConfig(Strict):
-    local_threshold: float = Field(0.12, gt=0, lt=1)
-    global_threshold: float = Field(0.06, gt=0, lt=1)
-    images: int = Field(256, gt=0)  # pretraining images the per-layer NMI is averaged over
-    batch_size: int = Field(32, gt=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> NMIConfig:
-        if self.global_threshold >= self.local_threshold:
-            raise ValueError("global_threshold must be below local_threshold")
-        return self
-
-
 class SegProtocolConfig(Strict):
     """One segmentation protocol (casiatao/UNIP UNIP_segmentation configs)."""
 
@@ -424,25 +353,14 @@ class SegmentationConfig(Strict):
         return value
 
 
-class ThermalSynthConfig(Strict):
-    """Sizes of the embedded thermal set and of the demo InfMix's grey ``shapes`` share."""
-
-    n_train: int = Field(400, gt=0)
-    n_test: int = Field(160, gt=0)
-    n_pretrain: int = Field(800, gt=0)
-    shapes_per_class: int = Field(50, ge=0)  # grey shapes images in the demo InfMix
-
-
-class UNIPConfig(Strict):
-    students: list[Literal["unip", "mae", "random"]] = ["unip", "mae", "random"]
-    # pretraining images under --data-root: folders of images (RGB ones turned grey) or
-    # infrared segmentation sets (their training images); the demo generates its own
-    pretrain_data: list[str] = ["InfMix"]
-    teacher: TeacherConfig = TeacherConfig()
-    distill: DistillConfig = DistillConfig()
-    nmi: NMIConfig = NMIConfig()
-    segmentation: SegmentationConfig = SegmentationConfig()
-    synth: ThermalSynthConfig = ThermalSynthConfig()
+class EvalConfig(Strict):
+    inits: list[Literal["pretrained", "random"]] = ["pretrained", "random"]
+    pooling: Literal["cls", "mean", "lastk"] = "cls"
+    last_k: int = Field(4, gt=0)
+    linear_probe: ProbeConfig = ProbeConfig()
+    knn: KNNConfig = KNNConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    segmentation: SegmentationConfig | None = None
 
 
 class AlphaBNConfig(Strict):
@@ -468,7 +386,7 @@ class AlphaBNConfig(Strict):
     @field_validator("corruptions")
     @classmethod
     def _corruptions(cls, value: list[str]) -> list[str]:
-        from visionbench.data.corruptions import CORRUPTIONS
+        from visionbench.data.images.corruptions import CORRUPTIONS
 
         unknown = [c for c in value if c not in CORRUPTIONS]
         if unknown or not value:
@@ -509,11 +427,12 @@ class ExperimentConfig(Strict):
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    pretrain: MAEConfig = MAEConfig()
+    # the method that pretrains, one of the registered method configs keyed by ``method``;
+    # None for transfer-only experiments
+    pretrain: PretrainConfig | None = None
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     ablation: AblationConfig | None = None
-    unip: UNIPConfig | None = None
     alpha_bn: AlphaBNConfig | None = None
     ln_removal: LNRemovalConfig | None = None
 
@@ -522,9 +441,45 @@ class ExperimentConfig(Strict):
         require = (info.context or {}).get("require_data", True)
         if require and self.profile == "paper" and self.data.root is None:
             raise ValueError("the paper profile runs on real data: pass --data-root")
-        if require and self.unip is not None:
-            self.unip.teacher.check_source()
+        if require and hasattr(self.pretrain, "check_ready"):
+            self.pretrain.check_ready()
         return self
+
+    @model_validator(mode="after")
+    def _method_fits_backbone(self) -> ExperimentConfig:
+        from visionbench.backbones import backbone_family
+        from visionbench.methods import method_class
+
+        if self.pretrain is None:
+            return self
+        families = method_class(self.pretrain.method).families
+        family = backbone_family(self.model.backbone)
+        if families and family not in families:
+            raise ValueError(f"pretrain.method: {self.pretrain.method} pretrains "
+                             f"{' or '.join(families)} backbones, not {self.model.backbone} "
+                             f"({family})")
+        return self
+
+    @model_validator(mode="after")
+    def _entry_overrides(self) -> ExperimentConfig:
+        """Every ablation entry's ``pretrain`` overrides make a valid pretrain section."""
+        if self.ablation is None:
+            return self
+        for i, entry in enumerate(self.ablation.entries):
+            if entry.pretrain:
+                where = f"ablation.entries.{i}.pretrain"
+                if self.pretrain is None:
+                    raise ValueError(f"{where}: the experiment pretrains nothing to override")
+                self.entry_pretrain(entry, where)
+        return self
+
+    def entry_pretrain(self, entry, where: str = "ablation entry"):
+        """The pretrain section with one ablation entry's overrides."""
+        tree = deep_merge(self.pretrain.model_dump(), entry.pretrain)
+        try:
+            return PRETRAIN_ADAPTER.validate_python(tree)
+        except ValidationError as err:
+            raise ValueError(f"{where}: {describe_error(err, PRETRAIN_ADAPTER)}") from None
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -645,33 +600,72 @@ def validate(tree: dict, source: Path | str, require_data: bool = True) -> Exper
         raise ConfigError(f"{source}: {err}") from None
 
 
-def describe_error(err: ValidationError) -> str:
+def describe_error(err: ValidationError, root: Any = None) -> str:
+    """One line for the first error: the dotted key (a union member's tag left out, so
+    ``pretrain.mask_ratio`` rather than ``pretrain.mae.mask_ratio``) and what is allowed."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    parts, model = _walk(first["loc"], ExperimentConfig if root is None else PretrainConfig)
+    loc = ".".join(parts)
     kind = first["type"]
     if kind == "extra_forbidden":
-        parent = first["loc"][:-1]
-        allowed = sorted(_fields_at(parent))
+        parents, parent = _walk(first["loc"][:-1], ExperimentConfig if root is None
+                                else PretrainConfig)
+        allowed = sorted(parent.model_fields) if parent is not None else []
         return f"unknown key {loc!r}; allowed here: {', '.join(allowed)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key = ".".join([*parts, "method"])
+        tags = ", ".join(_tag(m) for m in method_configs())
+        given = first.get("ctx", {}).get("tag")
+        what = f"unknown method {given!r}" if kind == "union_tag_invalid" else "missing"
+        return f"{key}: {what}; allowed: {tags}"
     msg = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
-    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+def _tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("method")
+    return field.default if field is not None else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models an annotation can hold (through Optional, unions, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _walk(loc: tuple, root: Any) -> tuple[list[str], type[BaseModel] | None]:
+    """The displayed key parts of a pydantic error location and the model it ends in."""
+    parts: list[str] = []
+    current: Any = root
+    index_next = False
     for part in loc:
+        if index_next:  # a list index or dict key: the items' type continues
+            parts.append(str(part))
+            index_next = False
+            continue
+        models = _models_in(current)
+        tagged = {_tag(m): m for m in models if _tag(m) is not None}
+        if len(models) > 1 and part in tagged:  # a union member's tag: not a key
+            current = tagged[part]
+            continue
+        model = models[0] if len(models) == 1 else None
+        parts.append(str(part))
+        if model is None:
+            current = None
+            continue
         field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        # an optional section (``X | None``) lists X's keys
-        options = [a for a in typing.get_args(field.annotation) or (field.annotation,)
-                   if isinstance(a, type) and issubclass(a, BaseModel)]
-        if len(options) != 1:
-            return []
-        model = options[0]
-    return list(model.model_fields)
+        current = field.annotation if field is not None else None
+        if field is not None:  # list[X] / dict[str, X]: the items' model
+            args = typing.get_args(current)
+            origin = typing.get_origin(current)
+            if origin in (list, dict) and args:
+                current = args[-1]
+                index_next = True
+    models = _models_in(current)
+    return parts, (models[0] if len(models) == 1 else None)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

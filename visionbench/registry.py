@@ -42,7 +42,7 @@ class Experiment:
     config: str
     code: str
     reported: tuple[Reported, ...] = field(default_factory=tuple)
-    pipeline: str = "classification"  # the stages that run it (visionbench.runner.PIPELINES)
+    recipe: str = "classification"  # its composition of stages (visionbench.runner.recipes)
 
     def reference_rows(self) -> list[dict]:
         """The reported numbers as ``results/reference.csv`` rows (leaderboard columns)."""
@@ -128,7 +128,7 @@ register(
         metrics=("top1", "top5", "diverged_at_step"),
         config="configs/norm-ablation.yaml",
         code="",
-        pipeline="norm_ablation",
+        recipe="norm_ablation",
     )
 )
 
@@ -150,7 +150,7 @@ register(
         metrics=("miou", "pixel_acc"),
         config="configs/unip-infrared.yaml",
         code="casiatao/UNIP",
-        pipeline="unip_infrared",
+        recipe="unip_infrared",
         reported=tuple(
             Reported(backbone, protocol, "miou", value, "average(soda,mfnet,scut-seg)",
                      "official README figure (values read off the figure)", init=init)
@@ -187,7 +187,7 @@ register(
         metrics=("top1", "mce", "mean_top1"),
         config="configs/alpha-bn.yaml",
         code="",
-        pipeline="alpha_bn",
+        recipe="alpha_bn",
         reported=tuple(
             Reported("unnamed in the abstract", "alpha_bn", "miou", value, "gta5->cityscapes",
                      "abstract", init=init)
@@ -213,7 +213,7 @@ register(
         metrics=("top1", "loss", "params_removed"),
         config="configs/ln-removal.yaml",
         code="submarat/removing-layer-norm",
-        pipeline="ln_removal",
+        recipe="ln_removal",
         reported=tuple(
             Reported(backbone, protocol, "loss", value, "openwebtext",
                      "official README, Evaluation Results (OWT val, mean cross-entropy)",
@@ -242,7 +242,7 @@ def norm_paper(name: str, paper: str, arxiv: str, norm: str, placement: str, bac
         pretrain_data="imagenet-1k", task="image classification", dataset="imagenet-1k",
         protocols=("supervised",) if conv else ("linear_probe",),
         metrics=("top1", "diverged_at_step"), config=f"configs/{name}.yaml", code=code,
-        reported=reported, pipeline="norm_ablation",
+        reported=reported, recipe="norm_ablation",
     ))
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionbench.data.corruptions import (
+from visionbench.data.images.corruptions import (
     CORRUPTIONS,
     PARAMETERS,
     corrupt,
@@ -14,7 +14,7 @@ from visionbench.data.corruptions import (
     plasma_fractal,
     scale_for,
 )
-from visionbench.data.imagenet_c import CorruptedSet, prepare_corrupted
+from visionbench.data.images.imagenet_c import CorruptedSet, prepare_corrupted
 from visionbench.errors import DataError
 
 

@@ -161,11 +161,13 @@ def test_datamodule_loaders(tmp_path: Path) -> None:
     assert dm.num_classes == 3 and dm.classes == ["a", "b", "c"]
     train = dm.train_dataloader()
     assert train.drop_last and len(train) == 18 // 4
-    x, y = next(iter(train))
+    batch = next(iter(train))
+    assert set(batch) == {"image", "label"}  # dict batches
+    x, y = batch["image"], batch["label"]
     assert x.shape == (4, 1, 8, 8) and y.dtype == torch.int64
     assert len(dm.val_dataloader().dataset) == 6 and len(dm.test_dataloader().dataset) == 6
     ordered = dm.eval_dataloader("train", batch_size=100)
-    _, labels = next(iter(ordered))
+    labels = next(iter(ordered))["label"]
     assert labels.tolist() == dm.splits.train.targets
     assert isinstance(ordered.dataset, TransformedDataset)
     with pytest.raises(ConfigError):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionbench.data.idx import IDXDataset, read_idx
+from visionbench.data.images.idx import IDXDataset, read_idx
 from visionbench.errors import DataError
 
 TYPE_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from visionbench.data.imagefolder import ImageFolderDataset
+from visionbench.data.images.imagefolder import ImageFolderDataset
 from visionbench.errors import DataError
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visionbench.data.imagefolder import ImageFolderDataset
-from visionbench.data.infrared import (
+from visionbench.data.images.imagefolder import ImageFolderDataset
+from visionbench.data.infrared.readers import (
     IGNORE_INDEX,
     INFRARED_MEAN,
     INFRARED_STD,

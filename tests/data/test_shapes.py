@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from visionbench.data.cache import MARKER
 from visionbench.data.datamodule import load_splits
-from visionbench.data.imagefolder import ImageFolderDataset
-from visionbench.data.synth.cache import MARKER
-from visionbench.data.synth.shapes import (
+from visionbench.data.images.imagefolder import ImageFolderDataset
+from visionbench.data.images.shapes import (
     SHAPES_CLASSES,
     default_cache_dir,
     generate_shapes,

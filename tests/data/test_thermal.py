@@ -6,16 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from visionbench.data.imagefolder import ImageFolderDataset
-from visionbench.data.infrared import (
+from visionbench.data.cache import MARKER
+from visionbench.data.images.imagefolder import ImageFolderDataset
+from visionbench.data.images.shapes import default_cache_dir
+from visionbench.data.infrared.readers import (
     SODA_CLASSES,
     InfMixDataset,
     SODADataset,
     detect_segmentation_format,
 )
-from visionbench.data.synth.cache import MARKER
-from visionbench.data.synth.shapes import default_cache_dir
-from visionbench.data.synth.thermal import (
+from visionbench.data.infrared.synthetic import (
     GENERATOR_VERSION,
     MAX_COUNTS,
     THERMAL_CLASSES,

@@ -13,6 +13,7 @@ from visionbench.evals.finetune import (
     run_finetune,
 )
 from visionbench.methods.schedule import half_cycle_cosine
+from visionbench.results.bootstrap import decode_hits
 
 
 def tiny_vit() -> VisionTransformer:
@@ -81,7 +82,13 @@ def test_run_finetune_one_epoch(tmp_path):
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                       "enable_model_summary": False, "num_sanity_val_steps": 0}
     result = run_finetune(tiny_vit(), loader, loader, loader, 3, cfg, trainer_kwargs, tmp_path)
-    assert set(result) == {"test_top1", "test_top5", "test_loss", "epochs", "history"}
+    assert set(result) == {"test_top1", "test_top5", "test_loss", "epochs", "history",
+                           "samples", "ci"}
+    hits = decode_hits(result["samples"]["top1"])
+    assert result["samples"]["n"] == 24
+    assert 100.0 * hits.mean() == pytest.approx(result["test_top1"], abs=1e-4)
+    low, high = result["ci"]["top1"]
+    assert low <= result["test_top1"] + 1e-9 <= high + 2e-9
     assert result["epochs"] == 1 and result["test_loss"] > 0
     assert 0.0 <= result["test_top1"] <= result["test_top5"] <= 100.0
     assert result["test_top5"] == pytest.approx(100.0)  # top-min(5, 3) of 3 classes

@@ -5,6 +5,7 @@ import torch
 
 from visionbench.errors import ConfigError
 from visionbench.evals.knn import knn_classify, knn_majority, knn_protocol, weighted_votes
+from visionbench.results.bootstrap import decode_hits
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -79,7 +80,26 @@ def test_protocol_keys_and_top5_not_below_top1():
     assert set(result) == {"k20_t0.07", "k5_majority"}
     assert result["k20_t0.07"]["top5"] >= result["k20_t0.07"]["top1"]
     chunked = knn_classify(train_x, train_y, test_x, test_y, 10, batch_size=7)
-    assert chunked == result["k20_t0.07"]
+    assert chunked == result["k20_t0.07"]  # samples and intervals too
+
+
+def test_each_variant_keeps_its_per_sample_hits_and_interval():
+    g = torch.Generator().manual_seed(1)
+    train_x, test_x = torch.randn(80, 8, generator=g), torch.randn(40, 8, generator=g)
+    train_y = torch.randint(0, 4, (80,), generator=g)
+    test_y = torch.randint(0, 4, (40,), generator=g)
+    result = knn_protocol(train_x, train_y, test_x, test_y, 4, seed=3)
+    assert set(result["k20_t0.07"]) == {"top1", "top5", "samples", "ci"}
+    assert set(result["k5_majority"]) == {"top1", "samples", "ci"}
+    for scores in result.values():
+        assert scores["samples"]["n"] == 40
+        for metric, (low, high) in scores["ci"].items():
+            hits = decode_hits(scores["samples"][metric])
+            assert 100.0 * hits.mean() == pytest.approx(scores[metric], abs=1e-4)
+            assert low <= scores[metric] <= high
+    plain = knn_protocol(train_x, train_y, test_x, test_y, 4, keep_samples=False)
+    assert plain["k5_majority"] == {"top1": result["k5_majority"]["top1"]}
+    assert knn_protocol(train_x, train_y, test_x, test_y, 4, seed=3) == result
 
 
 def test_bad_k_is_a_config_error():

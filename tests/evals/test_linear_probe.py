@@ -36,7 +36,7 @@ def result(data):
 
 def test_best_head_separates_gaussian_blobs(result):
     assert set(result) == {"grid", "best", "best_position", "extensions", "test_top1",
-                           "test_top5", "classes", "per_class_acc"}
+                           "test_top5", "classes", "per_class_acc", "samples", "ci"}
     assert result["test_top1"] >= 99.0
     assert result["test_top5"] == pytest.approx(100.0)  # top-min(5, C) = top-4 of 4 classes
     assert result["classes"] == ["a", "b", "c", "d"]
@@ -45,6 +45,29 @@ def test_best_head_separates_gaussian_blobs(result):
     best = max(result["grid"], key=lambda e: e["val_top1"])
     assert result["best"]["weight_decay"] == 0.0
     assert best["val_top1"] >= 99.0
+
+
+def test_per_sample_hits_give_the_test_accuracy_and_its_interval(data, result):
+    from visionbench.results.bootstrap import decode_hits
+
+    samples = result["samples"]
+    assert samples["kind"] == "hits" and samples["n"] == len(data[5])
+    for metric in ("top1", "top5"):
+        hits = decode_hits(samples[metric])
+        assert 100.0 * hits.mean() == pytest.approx(result[f"test_{metric}"], abs=1e-4)
+        low, high = result["ci"][metric]
+        assert low <= result[f"test_{metric}"] + 1e-9 and result[f"test_{metric}"] <= high + 1e-9
+    without = sweep(data, epochs=1, keep_samples=False)
+    assert "samples" not in without and "ci" not in without
+
+
+def test_hits_of_a_worse_head_match_torchmetrics():
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(200, 7, generator=g), torch.randint(0, 7, (200,), generator=g)
+    for k in (1, 5):
+        hits = linear_probe.topk_hits(logits, labels, k)
+        assert 100.0 * hits.float().mean().item() == pytest.approx(
+            linear_probe.accuracy(logits, labels, 7, k), abs=1e-4)
 
 
 def test_grid_has_one_entry_per_lr_and_weight_decay(result):

@@ -5,6 +5,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from visionbench.errors import ConfigError
 from visionbench.evals.finetune import param_groups_lrd
@@ -21,6 +22,8 @@ from visionbench.evals.segmentation import (
     segmentation_metrics,
     slide_inference,
 )
+from visionbench.results import bootstrap
+from visionbench.results.bootstrap import decode_confusion
 
 
 def tiny_vit(img_size: int = 32, patch_size: int = 8, **kwargs) -> VisionTransformer:
@@ -212,7 +215,16 @@ def test_run_segmentation_finetune_two_epochs(tmp_path):
     result = run_segmentation(tiny_vit(), loader, test_loader, num_classes=2, protocol="finetune",
                               cfg=cfg, out_dir=tmp_path, trainer_kwargs=trainer_kwargs,
                               keep_model=True)
-    assert {"miou", "per_class_iou", "pixel_acc", "epochs", "steps", "history"} <= set(result)
+    assert {"miou", "per_class_iou", "pixel_acc", "epochs", "steps", "history", "samples",
+            "ci"} <= set(result)
+    confusion = decode_confusion(result["samples"]["confusion"], 2)
+    assert confusion.shape == (16, 2, 2)  # one matrix per test image
+    assert int(confusion.sum()) == 16 * (32 * 32 - 1)  # every labelled pixel, once
+    assert bootstrap.miou(confusion.sum(0)) == pytest.approx(result["miou"])
+    assert bootstrap.pixel_accuracy(confusion.sum(0)) == pytest.approx(result["pixel_acc"])
+    for metric in ("miou", "pixel_acc"):
+        low, high = result["ci"][metric]
+        assert low <= result[metric] + 1e-9 and result[metric] <= high + 1e-9
     assert result["epochs"] == 2 and result["steps"] == 8
     assert len(result["per_class_iou"]) == 2 and 0.0 <= result["miou"] <= 100.0
     assert [h["epoch"] for h in result["history"]] == [0, 1]
@@ -282,3 +294,21 @@ def test_test_step_scores_at_the_label_resolution():
     confmat = module.test_confmat.compute()
     assert int(confmat.sum()) == 16 * 24  # every label pixel scored
     assert torch.equal(confmat, torch.tensor([[16 * 12, 0], [0, 16 * 12]]))
+    per_image = decode_confusion(module.test_confusions, 2)
+    assert per_image.tolist() == [[[16 * 12, 0], [0, 16 * 12]]]
+
+
+def test_per_image_confusion_sums_to_the_test_set_matrix():
+    from visionbench.evals.segmentation import per_image_confusion
+    from visionbench.evals.segmentation import segmentation_metrics as metrics
+
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randint(0, 3, (4, 6, 5), generator=g)
+    targets = torch.randint(0, 3, (4, 6, 5), generator=g)
+    targets[0, 0, :] = 255
+    per_image = per_image_confusion(preds, targets, 3)
+    assert per_image.shape == (4, 3, 3) and int(per_image[0].sum()) == 25
+    whole = multiclass_confusion_matrix(preds, targets, 3, ignore_index=255)
+    assert torch.equal(per_image.sum(0), whole)
+    assert bootstrap.miou(per_image.sum(0).numpy()) == pytest.approx(
+        metrics(preds, targets, 3)["miou"])

@@ -4,11 +4,13 @@ test split is scored."""
 import math
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
 from visionbench.evals.supervised import SupervisedClassifier, run_supervised
 from visionbench.methods.schedule import half_cycle_cosine
+from visionbench.results.bootstrap import decode_hits
 
 
 class Tiny(nn.Module):
@@ -47,4 +49,9 @@ def test_lr_follows_half_cycle_cosine_and_test_is_scored(tmp_path):
     expected = [half_cycle_cosine(step / 4, 0.2, 0.0, 1, 3) for step in range(12)]
     assert all(math.isclose(a, b) for a, b in zip(record.lrs, expected, strict=True))
     assert 0.0 <= result["test_top1"] <= 100.0 and result["epochs"] == 3
+    assert result["samples"]["n"] == 8
+    hits = decode_hits(result["samples"]["top1"])
+    assert 100.0 * hits.mean() == pytest.approx(result["test_top1"], abs=1e-4)
+    low, high = result["ci"]["top1"]
+    assert low <= result["test_top1"] + 1e-9 and result["test_top1"] <= high + 1e-9
     assert SupervisedClassifier(Tiny(), 3).configure_optimizers().defaults["momentum"] == 0.9

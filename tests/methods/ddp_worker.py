@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from visionbench.backbones import create_backbone
-from visionbench.methods.mae import MAE
+from visionbench.methods.mae import MAE, MAEConfig
 
 
 def main(out: Path) -> None:
@@ -23,13 +23,11 @@ def main(out: Path) -> None:
     )
     model = MAE(
         encoder,
+        MAEConfig(blr=1e-2, epochs=2, warmup_epochs=0),
         decoder_embed_dim=16,
         decoder_depth=1,
         decoder_num_heads=2,
         batch_size=8,
-        blr=1e-2,
-        epochs=2,
-        warmup_epochs=0,
     )
     data = TensorDataset(
         torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(64)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from visionbench.backbones import create_backbone
 from visionbench.backbones.pos_embed import sincos_2d
 from visionbench.errors import WeightsError
-from visionbench.methods.mae import MAE, masked_patch_loss, patchify, random_masking, unpatchify
+from visionbench.methods.mae import (
+    MAE,
+    MAEConfig,
+    masked_patch_loss,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 from visionbench.methods.schedule import half_cycle_cosine
 
 DEPTH, HEADS, DIM, DEC_DIM, DEC_DEPTH, DEC_HEADS, P, IMG = 2, 2, 32, 16, 2, 2, 4, 16
@@ -27,7 +34,8 @@ def make_mae(seed: int = 0, **kw) -> MAE:
     enc = create_backbone("vit_tiny_patch16_224", img_size=IMG, patch_size=P, embed_dim=DIM,
                           depth=DEPTH, num_heads=HEADS)
     args = dict(decoder_embed_dim=DEC_DIM, decoder_depth=DEC_DEPTH, decoder_num_heads=DEC_HEADS)
-    return MAE(enc, **{**args, **kw})
+    schedule = {k: kw.pop(k) for k in list(kw) if k in MAEConfig.model_fields}
+    return MAE(enc, MAEConfig(**schedule), **{**args, **kw})
 
 
 # -- masking ------------------------------------------------------------------------------------

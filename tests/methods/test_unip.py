@@ -1,7 +1,7 @@
 """UNIP (NMI-HAD): the attention KL loss, the student's last-block heads, the frozen teacher,
 state round trips, layer choice by NMI, and a few optimizer steps (manual and in Lightning).
 
-``reference_kl`` writes out casiatao/UNIP ``models_unip.forward_kd_loss`` (KL with log targets,
+``reference_kl`` writes out casiatao/UNIP ``models_pretrain.forward_kd_loss`` (KL with log targets,
 summed over keys, averaged over batch, heads and queries) with explicit exp / log in float64.
 """
 
@@ -151,12 +151,13 @@ def test_from_config_and_the_layer_chosen_by_nmi():
                                               global_threshold=low - 1e-9)
     assert torch.equal(got, nmi) and reason == "the deepest hybrid layer by NMI"
     assert layer == max(i for i, v in enumerate(nmi.tolist()) if v <= high)
-    cfg = resolve_config("unip-infrared", "paper", sets=["unip.teacher.layer=null",
+    cfg = resolve_config("unip-infrared", "paper", sets=["pretrain.teacher.layer=null",
                                                          "data.batch_size=64"],
                          require_data=False)
-    with pytest.raises(ConfigError, match="unip.teacher.layer"):
-        UNIP.from_config(teacher, student, cfg)
-    model = UNIP.from_config(teacher, student, cfg, teacher_layer=layer)
+    with pytest.raises(ConfigError, match="pretrain.teacher.layer"):
+        UNIP.from_config(student, cfg.pretrain, cfg.model, cfg.data, teacher=teacher)
+    model = UNIP.from_config(student, cfg.pretrain, cfg.model, cfg.data, teacher=teacher,
+                             teacher_layer=layer)
     assert model.teacher_layer == layer and model.betas == (0.9, 0.95)
     assert math.isclose(model.base_lr, 1.5e-4 * 64 / 256)
     assert (model.epochs, model.warmup_epochs, model.weight_decay) == (100, 5, 0.05)

@@ -1,20 +1,23 @@
 import csv
 import multiprocessing
 import shutil
+import statistics
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from visionbench.errors import UserError
 from visionbench.results.leaderboard import (
     COLUMNS,
+    aggregate_seeds,
     append_run,
     read_leaderboard,
     read_reference,
     rows_from_metrics,
     update_leaderboard,
 )
-from visionbench.results.records import atomic_write_json
+from visionbench.results.records import atomic_write_json, read_json
 
 REFERENCE = Path(__file__).resolve().parents[2] / "results" / "reference.csv"
 
@@ -170,3 +173,102 @@ def test_two_concurrent_writers_lose_no_row(tmp_path):
     run_ids = {row["run_id"] for row in csv_rows(board)}
     assert len(run_ids) == 20
     assert len(csv_rows(board)) == 40
+
+
+def test_variant_is_part_of_the_row_key_and_intervals_are_kept(tmp_path):
+    run_dir = write_run(tmp_path / "runs", "20261127T120000Z-mae-aaaaaaaa")
+    metrics = read_json(run_dir / "metrics.json")
+    metrics["results"] = [
+        {"init": "mae", "protocol": "linear_probe", "metric": "top1", "value": 80.0,
+         "variant": {"size": 224, "norm": "imagenet"}, "ci_low": 78.5, "ci_high": 81.5},
+        {"init": "mae", "protocol": "linear_probe", "metric": "top1", "value": 82.0,
+         "variant": "size=448", "ci": [80.0, 84.0]},
+    ]
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    board = tmp_path / "lb.csv"
+    assert append_run(run_dir, board) == 2
+    assert append_run(run_dir, board) == 2  # an upsert: the same two keys again
+    rows = csv_rows(board)
+    assert [(r["variant"], r["value"], r["ci_low"], r["ci_high"], r["stat"]) for r in rows] == [
+        ("norm=imagenet,size=224", "80.0", "78.5", "81.5", "single"),
+        ("size=448", "82.0", "80.0", "84.0", "single")]
+    frame = read_leaderboard(board)
+    assert frame["ci_low"].tolist() == [78.5, 80.0] and frame["variant"].tolist()[1] == "size=448"
+
+
+def test_a_csv_without_the_new_columns_still_reads_and_is_upgraded(tmp_path):
+    legacy = tmp_path / "lb.csv"
+    header = ("experiment,paper,method,backbone,norm,placement,init,dataset,protocol,metric,"
+              "value,seed,epochs,precision,device,wall_s,run_id,source,timestamp")
+    legacy.write_text(header + "\nmae,MAE,mae,vit_tiny_p4_32,layernorm,pre,mae,shapes,"
+                      "linear_probe,top1,81.2,0,30,32-true,cpu,201.5,"
+                      "20261127T120000Z-mae-aaaaaaaa,run,2026-11-27T12:00:00Z\n")
+    frame = read_leaderboard(legacy)
+    assert list(frame.columns) == COLUMNS and len(frame) == 1
+    assert frame["variant"].tolist() == [""] and frame["stat"].tolist() == ["single"]
+    assert frame["ci_low"].isna().all() and frame["value"].tolist() == [81.2]
+    # the same run appended again replaces its legacy row instead of adding one
+    append_run(write_run(tmp_path / "runs", "20261127T120000Z-mae-aaaaaaaa", value=90.0), legacy)
+    with open(legacy) as handle:
+        assert handle.readline().strip() == ",".join(COLUMNS)
+    rows = csv_rows(legacy)
+    assert len(rows) == 2 and rows[0]["value"] == "90.0" and rows[0]["variant"] == ""
+
+
+def seed_run(runs_dir, seed, value, knn=40.0):
+    run_dir = write_run(runs_dir, f"20261127T12000{seed}Z-mae-{seed:08x}", value=value)
+    metrics = read_json(run_dir / "metrics.json")
+    metrics["seed"] = seed
+    metrics["results"][1]["value"] = knn
+    if seed == 2:  # a result only one seed has is never averaged over the others
+        metrics["results"].append({"init": "mae", "protocol": "finetune", "metric": "top1",
+                                   "value": 99.0})
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    (run_dir / "config.yaml").write_text(f"experiment: mae\nseed: {seed}\nmodel:\n  x: 1\n")
+    return run_dir
+
+
+def test_seed_runs_get_mean_and_std_rows(tmp_path):
+    runs = [seed_run(tmp_path / "runs", s, v, k)
+            for s, v, k in ((0, 80.0, 40.0), (1, 82.0, 41.0), (2, 87.0, 45.5))]
+    board = tmp_path / "lb.csv"
+    aggregates = aggregate_seeds(board, runs)
+    assert len(aggregates) == 4  # mean and std of the two results every seed has
+    frame = read_leaderboard(board)
+    probe = frame[(frame["protocol"] == "linear_probe")]
+    assert sorted(probe["stat"]) == ["mean", "single", "single", "single", "std"]
+    mean = probe[probe["stat"] == "mean"].iloc[0]
+    std = probe[probe["stat"] == "std"].iloc[0]
+    assert mean["value"] == pytest.approx(83.0)
+    assert std["value"] == pytest.approx(statistics.stdev([80.0, 82.0, 87.0]))
+    assert mean["run_id"] == std["run_id"] and mean["run_id"].startswith("seeds:0,1,2:")
+    assert pd.isna(mean["seed"]) and pd.isna(mean["ci_low"])
+    assert mean["wall_s"] == pytest.approx(3 * 201.5)
+    knn = frame[(frame["protocol"] == "knn_k20_t0.07") & (frame["stat"] == "mean")]
+    assert knn["value"].tolist() == [pytest.approx((40.0 + 41.0 + 45.5) / 3)]
+    finetune = frame[frame["protocol"] == "finetune"]
+    assert finetune["stat"].tolist() == ["single"]
+    # best-of-N is never written: the max over seeds is no row of its own
+    assert set(frame["stat"]) == {"single", "mean", "std"}
+    assert (probe["value"] == 87.0).sum() == 1 and probe[probe["value"] == 87.0].iloc[0][
+        "stat"] == "single"
+    # aggregating again updates the same rows
+    aggregate_seeds(board, runs)
+    assert len(read_leaderboard(board)) == len(frame)
+
+
+def test_seed_aggregation_refuses_other_differences_and_unknown_stats(tmp_path):
+    runs = [seed_run(tmp_path / "runs", s, v) for s, v in ((0, 80.0), (1, 82.0))]
+    (runs[1] / "config.yaml").write_text("experiment: mae\nseed: 1\nmodel:\n  x: 2\n")
+    with pytest.raises(UserError, match="differs .* in model, not only in the seed"):
+        aggregate_seeds(tmp_path / "lb.csv", runs)
+    assert aggregate_seeds(tmp_path / "lb.csv", runs[:1]) == []  # a std needs two seeds
+    bad = tmp_path / "bad.csv"
+    rows = csv_rows(tmp_path / "lb.csv")
+    rows[0]["stat"] = "best"
+    with open(bad, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(UserError, match="stat must be one of single, mean, std"):
+        read_leaderboard(bad)

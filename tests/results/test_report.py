@@ -59,7 +59,8 @@ def test_report_from_full_run(run_dir):
     text = path.read_text()
     assert text.startswith(f"# mae: {RUN_ID}")
     for expected in ("vit_tiny_p4_32", "layernorm", "32-true", "ab12cd34", "3m 21.5s",
-                     "| mae | linear_probe | top1 | 83.45 |", "**83.45**", "**41.20**",
+                     "### linear_probe\n\n| init | metric | value |", "| mae | top1 | 83.45 |",
+                     "### finetune", "| random | top1 | 61.00 |", "**83.45**", "**41.20**",
                      "## kNN: init `mae`", "| k5_majority | 50.25 | – |",
                      "## Fine-tune: init `random`", "| 1 | 1.2500 | 58.00 |",
                      "| 0.1 | 0.0001 | 71.00 (best) | 95.00 |"):  # fmt: skip
@@ -86,16 +87,17 @@ def test_report_before_metrics_uses_evals(run_dir):
     text = write_report(run_dir).read_text()
     assert "metrics.json is not written yet" in text
     assert "| Experiment | mae |" in text and "| Config hash | ab12cd34 |" in text
-    assert "| mae | linear_probe | top1 | 83.45 |" in text
-    assert "| random | knn_k20_t0.07 | top5 | 90.00 |" in text
-    assert "| random | finetune | top1 | 61.00 |" in text
+    assert "### linear_probe\n\n| init | metric | value |" in text
+    assert "| mae | top1 | 83.45 |" in text
+    assert "### knn_k20_t0.07" in text and "| random | top5 | 90.00 |" in text
+    assert "### finetune" in text and "| random | top1 | 61.00 |" in text
 
 
 def test_report_skips_missing_parts(tmp_path):
     run_dir = tmp_path / RUN_ID
     atomic_write_json(run_dir / "evals" / "mae" / "knn.json", {"k20_t0.07": {"top1": 12.5}})
     text = write_report(run_dir).read_text()
-    assert "| k20_t0.07 | 12.50 | – |" in text
+    assert "| classifier | top-1 |" in text and "| k20_t0.07 | 12.50 |" in text
     assert "Linear probe" not in text and "Fine-tune" not in text
     assert not (run_dir / "figures").exists()
 
@@ -109,3 +111,42 @@ def test_report_errors(tmp_path):
     with pytest.raises(UserError, match="metrics.json: invalid JSON"):
         write_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_report_has_a_table_per_protocol_and_variant_with_intervals(tmp_path):
+    run_dir = tmp_path / RUN_ID
+    results = [
+        {"init": "mae", "protocol": "linear_probe", "metric": "top1", "value": 70.0},
+        {"init": "mae", "protocol": "linear_probe", "metric": "top1", "value": 72.5,
+         "variant": "norm=imagenet,size=448", "ci_low": 70.25, "ci_high": 74.75},
+        {"init": "mae", "protocol": "segmentation", "metric": "miou", "value": 40.0,
+         "ci_low": 38.0, "ci_high": 42.0},
+    ]
+    atomic_write_json(run_dir / "metrics.json", {"run_id": RUN_ID, "experiment": "mae",
+                                                 "status": "finished", "results": results})
+    # a protocol the report has never heard of, in a deeper folder: read by its shape
+    atomic_write_json(run_dir / "evals" / "mae" / "thermal" / "segmentation.json", {
+        "miou": 40.0, "pixel_acc": 80.0, "per_class_iou": [60.0, None, 20.0],
+        "classes": ["sky", "door", "road"], "ci": {"miou": [38.0, 42.0]},
+        "samples": {"kind": "confusion", "num_classes": 3, "confusion": ["0:5 8:2"]},
+    })  # fmt: skip
+    atomic_write_json(run_dir / "evals" / "mae" / "thermal" / "layout.json", {"alpha=0": 7.0})
+    text = write_report(run_dir).read_text()
+    assert "### linear_probe\n\n| init | metric | value |\n|---|---|---:|\n| mae | top1 | 70.00 |" \
+        in text
+    assert "### linear_probe (variant `norm=imagenet,size=448`)" in text
+    assert "| mae | top1 | 72.50 | [70.25, 74.75] |" in text
+    assert "| mae | miou | 40.00 | [38.00, 42.00] |" in text
+    assert "## Segmentation: init `mae/thermal`" in text
+    assert "- Test mIoU: **40.00** (95% CI 38.00–42.00), pixel accuracy: 80.00" in text
+    assert "| sky | 60.00 |" in text and "door" not in text
+    assert "- `evals/mae/thermal/layout.json` (not shown above)" in text
+    assert "0:5 8:2" not in text  # per-sample records are not printed
+
+
+def test_results_markdown_for_the_cli(run_dir):
+    from visionbench.results.report import results_markdown
+
+    write_metrics(run_dir)
+    text = results_markdown(run_dir)
+    assert text.startswith("## linear_probe\n") and "| random | top1 | 61.00 |" in text

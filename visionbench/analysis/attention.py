@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError
 
 # The hybrid band, NMI in (0.06, 0.12): the range of the NMI target s over which UNIP's Fig. 7
@@ -179,7 +180,7 @@ def _image_batches(loader_or_images) -> Iterable[torch.Tensor]:
         yield loader_or_images
         return
     for batch in loader_or_images:
-        yield batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield unpack(batch, "image") if isinstance(batch, (list, tuple, dict)) else batch
 
 
 @torch.no_grad()

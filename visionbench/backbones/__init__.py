@@ -1,6 +1,11 @@
-"""Backbone factories over timm. ``create_backbone(name, ...)`` dispatches by family."""
+"""Backbones by registry: a ``Family`` (ViT, ResNet, ...) declares the names it builds, the
+norm kind it takes, its default norm and how its features are read; ``create_backbone(name)``
+builds through the family that matches ``name``. A new family is one ``register_family``."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -10,28 +15,44 @@ from visionbench.backbones.weights import LoadReport, load_backbone_weights, rea
 from visionbench.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Family:
+    """A backbone family: the names it builds, the norm kind it takes (``visionbench.norms``
+    catalog kinds), its default norm, how its features are read (``cls``/``mean``/``lastk``
+    token pooling, or the global-pooled ``pooled`` vector and ``dense`` maps), and its
+    factory ``create(name, norm=, placement=, norm_options=, **kwargs)``."""
+
+    name: str
+    matches: Callable[[str], bool]
+    norm_kind: str
+    default_norm: str
+    features: tuple[str, ...]
+    create: Callable[..., nn.Module]
+    example: str
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(name: str) -> Family:
+    for family in FAMILIES.values():
+        if family.matches(name):
+            return family
+    examples = "; ".join(f"{f.name}: {f.example}" for f in FAMILIES.values())
+    raise ConfigError(f"unknown backbone {name!r}; allowed: {examples}")
+
+
 def backbone_family(name: str) -> str:
-    if is_vit_name(name):
-        return "vit"
-    if is_resnet_name(name):
-        return "resnet"
-    raise ConfigError(
-        f"unknown backbone {name!r}; allowed: timm ViT names (vit_tiny_patch16_224, "
-        "vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224, "
-        "vit_huge_patch14_224, ...) and ResNets (resnet18, resnet50, ...)"
-    )
+    return family_of(name).name
 
 
-def create_backbone(
-    name: str, *, norm: str | None = None, placement: str = "pre",
-    norm_options: dict | None = None, **kwargs
-) -> nn.Module:
-    """A headless backbone; ``norm=None`` takes the family's default (layernorm / batchnorm);
-    ``norm_options`` override that norm's catalog defaults."""
-    family = backbone_family(name)
-    if family == "vit":
-        return create_vit(name, norm=norm or "layernorm", placement=placement,
-                          norm_options=norm_options, **kwargs)
+def _create_resnet(name: str, *, norm: str, placement: str = "pre",
+                   norm_options: dict | None = None, **kwargs) -> nn.Module:
     if placement != "pre":
         raise ConfigError(f"placement {placement!r} applies to ViT backbones only")
     kwargs.pop("init", None)
@@ -39,15 +60,39 @@ def create_backbone(
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if key in kwargs:
             raise ConfigError(f"model.backbone_kwargs.{key} does not apply to ResNet {name!r}")
-    return create_resnet(name, norm=norm or "batchnorm", norm_options=norm_options, **kwargs)
+    return create_resnet(name, norm=norm, norm_options=norm_options, **kwargs)
+
+
+register_family(Family(
+    "vit", is_vit_name, "token", "layernorm", ("cls", "mean", "lastk", "dense"), create_vit,
+    "timm ViT names (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, "
+    "vit_large_patch16_224, vit_huge_patch14_224, ...)"))
+register_family(Family(
+    "resnet", is_resnet_name, "conv", "batchnorm", ("pooled", "dense"), _create_resnet,
+    "ResNets (resnet18, resnet50, ...)"))
+
+
+def create_backbone(
+    name: str, *, norm: str | None = None, placement: str = "pre",
+    norm_options: dict | None = None, **kwargs
+) -> nn.Module:
+    """A headless backbone of ``name``'s family; ``norm=None`` takes the family's default;
+    ``norm_options`` override that norm's catalog defaults."""
+    family = family_of(name)
+    return family.create(name, norm=norm or family.default_norm, placement=placement,
+                         norm_options=norm_options, **kwargs)
 
 
 __all__ = [
+    "FAMILIES",
+    "Family",
     "LoadReport",
     "backbone_family",
     "create_backbone",
     "create_resnet",
     "create_vit",
+    "family_of",
+    "register_family",
     "load_backbone_weights",
     "read_state_dict",
 ]

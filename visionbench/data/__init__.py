@@ -1,5 +1,9 @@
-"""Readers of real on-disk data formats, splits, transforms and the datamodule."""
+"""Data: one folder per modality (``images/``, ``infrared/``, ...), each with readers of the
+real on-disk formats and a generator that writes its embedded default in one of them; one
+generic datamodule of dict batches over any reader (``datamodule``); the shared cache.
+"""
 
+from visionbench.data.cache import default_cache_dir
 from visionbench.data.datamodule import (
     ImageClassificationDataModule,
     LabelledSubset,
@@ -10,13 +14,15 @@ from visionbench.data.datamodule import (
     detect_format,
     load_splits,
 )
-from visionbench.data.idx import IDXDataset, read_idx
-from visionbench.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderDataset, load_image
-from visionbench.data.synth import (
+from visionbench.data.images import (
+    IMAGE_EXTENSIONS,
     SHAPES_CLASSES,
-    default_cache_dir,
+    IDXDataset,
+    ImageFolderDataset,
     generate_shapes,
+    load_image,
     prepare_shapes,
+    read_idx,
     shapes_root,
 )
 

@@ -20,8 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-from visionbench.data.idx import IDXDataset
-from visionbench.data.imagefolder import ImageFolderDataset, class_folders, is_image_file
+from visionbench.data.batch import sample_dict
+from visionbench.data.images.idx import IDXDataset
+from visionbench.data.images.imagefolder import ImageFolderDataset, class_folders, is_image_file
+from visionbench.data.transforms import ImageSample
 from visionbench.errors import ConfigError, DataError
 
 IDX_FILES = {
@@ -415,10 +417,13 @@ def build_transform(
 
 
 class TransformedDataset(Dataset):
-    """``dataset`` with ``transform`` applied to the image of each ``(image, label)`` item."""
+    """``dataset`` as sample dicts: each item through ``transform`` (a sample transform, or
+    an image ``Compose`` lifted by ``ImageSample``); without one, ``{"image", "label"}``."""
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None) -> None:
         self.dataset = dataset
+        if isinstance(transform, T.Compose):  # an image transform
+            transform = ImageSample(transform)
         self.transform = transform
 
     @property
@@ -428,9 +433,9 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img, label = self.dataset[index]
-        return (self.transform(img) if self.transform else img), label
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return self.transform(item) if self.transform else sample_dict(item)
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -460,6 +465,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         auto_augment: str | None = None,
         reprob: float = 0.0,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        train_transform: Callable[[Any], dict] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -468,8 +474,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        self.train_transform = build_transform(image_size, in_chans, mean, std, True, train_kind,
-                                               auto_augment, reprob, crop_scale)
+        # a method's own sample transform, or the image transform of ``train_kind``
+        self.train_transform = train_transform or build_transform(
+            image_size, in_chans, mean, std, True, train_kind, auto_augment, reprob, crop_scale)
         self.eval_transform = build_transform(image_size, in_chans, mean, std, False)
         self.splits: Splits | None = None
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError, DataError
 
 POOLINGS = ("cls", "mean", "lastk")
@@ -53,9 +54,8 @@ def pooled_features(backbone: nn.Module, images: Tensor, pooling: str = "cls",
 
 
 def split_batch(batch) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise DataError(f"feature extraction expects (images, labels) batches, got {type(batch)!r}")
+    """(images, labels) of a dict batch (or of an ``(x, y)`` tuple)."""
+    return unpack(batch, "image", "label")
 
 
 def extract_features(backbone: nn.Module, loader: Iterable, pooling: str = "cls",

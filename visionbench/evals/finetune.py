@@ -27,8 +27,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError
+from visionbench.evals.linear_probe import topk_hits
 from visionbench.methods.schedule import ensure_trained, half_cycle_cosine, set_lr
+from visionbench.results.bootstrap import hits_samples, with_samples
 
 FINETUNE_DEFAULTS = {
     "weight_decay": 0.05,
@@ -99,6 +102,30 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
     return list(groups.values())
 
 
+class TestHits:
+    """The per-sample top-1 and top-k hits of one test epoch, in the order the test loader
+    gives the samples (those this process scores: a single-process test sees them all)."""
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+        self.reset()
+
+    def reset(self) -> None:
+        self.top1: list[Tensor] = []
+        self.topk: list[Tensor] = []
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        logits = logits.detach()
+        self.top1.append(topk_hits(logits, targets, 1))
+        self.topk.append(topk_hits(logits, targets, self.top_k))
+
+    def samples(self) -> dict | None:
+        """The ``"samples"`` record (``visionbench.results.bootstrap``), None before a test."""
+        if not self.top1:
+            return None
+        return hits_samples(top1=torch.cat(self.top1), top5=torch.cat(self.topk))
+
+
 class FineTuneClassifier(L.LightningModule):
     """A timm backbone (``num_classes=0``) plus a linear head, trained end to end.
 
@@ -139,6 +166,8 @@ class FineTuneClassifier(L.LightningModule):
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_loss = MeanMetric()  # plain cross-entropy per test image
+        self.test_hits = TestHits(top5)
+        self.test_samples: dict | None = None  # per-sample hits of the last test
 
     def forward(self, images: Tensor) -> Tensor:
         if not self.is_vit:
@@ -173,7 +202,7 @@ class FineTuneClassifier(L.LightningModule):
             set_lr(optimizer, lr)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, targets = batch[0], batch[1]
+        images, targets = unpack(batch, "image", "label")
         if self.mixup_fn is not None:
             images, targets = self.mix(images, targets)
         loss = self.criterion(self(images), targets)
@@ -192,19 +221,27 @@ class FineTuneClassifier(L.LightningModule):
         return self.mixup_fn(images[:even], targets[:even])
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.val_top1.update(self(batch[0]), batch[1])
+        images, targets = unpack(batch, "image", "label")
+        self.val_top1.update(self(images), targets)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_top1", self.val_top1.compute() * 100.0, prog_bar=True)
         self.val_top1.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits = self(batch[0])
-        self.test_top1.update(logits, batch[1])
-        self.test_top5.update(logits, batch[1])
-        self.test_loss.update(F.cross_entropy(logits.float(), batch[1], reduction="none"))
+        images, targets = unpack(batch, "image", "label")
+        logits = self(images)
+        self.test_top1.update(logits, targets)
+        self.test_top5.update(logits, targets)
+        self.test_loss.update(F.cross_entropy(logits.float(), targets, reduction="none"))
+        self.test_hits.update(logits, targets)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_hits.reset()
 
     def on_test_epoch_end(self) -> None:
+        self.test_samples = self.test_hits.samples()
+        self.test_hits.reset()
         self.log("test_top1", self.test_top1.compute() * 100.0)
         self.log("test_top5", self.test_top5.compute() * 100.0)
         self.log("test_loss", self.test_loss.compute())
@@ -245,14 +282,19 @@ def read_history(metrics_csv: Path) -> list[dict]:
 
 def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_loader,
                  num_classes: int, cfg: dict, trainer_kwargs: dict, out_dir: Path,
-                 callbacks: tuple = (), keep_model: bool = False) -> dict:
+                 callbacks: tuple = (), keep_model: bool = False,
+                 keep_samples: bool = True) -> dict:
     """Fine-tune ``backbone`` with a new head, then test it.
 
     ``cfg["base_lr"]`` is MAE's blr: the absolute lr is blr * effective batch / 256, with the
     effective batch = loader batch size * accumulation * world size. Returns
     ``{"test_top1", "test_top5", "test_loss", "epochs", "history": [{"epoch", "train_loss",
     "val_top1"}, ...]}`` (accuracies in percent, the test loss a plain cross-entropy), and
-    with ``keep_model`` the trained ``FineTuneClassifier`` under ``"model"``.
+    with ``keep_model`` the trained ``FineTuneClassifier`` under ``"model"``. With
+    ``keep_samples`` (the default) also the per-sample test hits, ``"samples": {"kind":
+    "hits", "n", "top1": "0110...", "top5": ...}``, and their 95% bootstrap intervals
+    ``"ci": {"top1": [low, high], "top5": [low, high]}`` (1,000 resamples seeded by
+    ``cfg["seed"]``, 0 when None; ``visionbench.results.bootstrap``).
     """
     cfg = finetune_config(cfg)
     out_dir = Path(out_dir)
@@ -283,13 +325,20 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
         "epochs": cfg["epochs"],
         "history": read_history(Path(logger.log_dir) / "metrics.csv"),
     }
+    if keep_samples and model.test_samples is not None:
+        with_samples(result, model.test_samples, cfg["seed"])
     if keep_model:
         result["model"] = model
     return result
 
 
-def test_scores(model: FineTuneClassifier, test_loader, trainer_kwargs: dict) -> dict:
-    """Test top-1 / top-5 (percent) and cross-entropy of a (changed) fine-tuned classifier."""
+def test_scores(model: FineTuneClassifier, test_loader, trainer_kwargs: dict, *,
+                keep_samples: bool = True, seed: int | None = 0) -> dict:
+    """Test top-1 / top-5 (percent) and cross-entropy of a (changed) fine-tuned classifier;
+    with ``keep_samples`` also its ``"samples"`` and ``"ci"`` (as ``run_finetune``)."""
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **trainer_kwargs)
     tested = trainer.test(model, dataloaders=test_loader, verbose=False)[0]
-    return {key: float(tested[key]) for key in ("test_top1", "test_top5", "test_loss")}
+    result = {key: float(tested[key]) for key in ("test_top1", "test_top5", "test_loss")}
+    if keep_samples and model.test_samples is not None:
+        with_samples(result, model.test_samples, seed)
+    return result

@@ -5,6 +5,11 @@ L2-normalised, neighbours are the k training features of highest cosine similari
 votes for its class with weight ``exp(similarity / T)``, classes are ranked by summed
 votes; top-5 looks at ``min(5, k)`` ranked classes (fewer when there are fewer classes).
 ``knn_majority`` is the plain, unweighted vote.
+
+With ``keep_samples`` (the default) each result also holds its per-sample test hits,
+``"samples": {"kind": "hits", "n", "top1": "0110...", ...}``, and their 95% bootstrap
+intervals ``"ci": {"top1": [low, high], ...}`` (1,000 resamples seeded by ``seed``; see
+``visionbench.results.bootstrap``); the metric keys stay the plain numbers they were.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
+from visionbench.evals.linear_probe import topk_hits
+from visionbench.results.bootstrap import hits_samples, with_samples
 
 
 def check_knn_inputs(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
@@ -53,18 +60,27 @@ def chunks(test_x: Tensor, test_y: Tensor, batch_size: int):
 @torch.no_grad()
 def knn_classify(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07,
-                 batch_size: int = 1024) -> dict:
-    """DINO's temperature-weighted kNN vote: ``{"top1", "top5"}`` in percent."""
+                 batch_size: int = 1024, *, keep_samples: bool = True, seed: int = 0) -> dict:
+    """DINO's temperature-weighted kNN vote: ``{"top1", "top5"}`` in percent (and
+    ``"samples"`` / ``"ci"`` with ``keep_samples``)."""
     check_knn_inputs(train_x, train_y, test_x, test_y, k)
     device = train_x.device
     train_x, train_y = train_x.float(), train_y.long()
+    top_k = min(5, k, num_classes)
     top1 = accuracy_metric(num_classes, 1, device)
-    top5 = accuracy_metric(num_classes, min(5, k, num_classes), device)
+    top5 = accuracy_metric(num_classes, top_k, device)
+    hits1, hits5 = [], []
     for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
         scores = weighted_votes(train_x, train_y, x, num_classes, k, temperature)
         top1.update(scores, y)
         top5.update(scores, y)
-    return {"top1": float(top1.compute()) * 100.0, "top5": float(top5.compute()) * 100.0}
+        if keep_samples:
+            hits1.append(topk_hits(scores, y, 1))
+            hits5.append(topk_hits(scores, y, top_k))
+    result = {"top1": float(top1.compute()) * 100.0, "top5": float(top5.compute()) * 100.0}
+    if keep_samples:
+        with_samples(result, hits_samples(top1=torch.cat(hits1), top5=torch.cat(hits5)), seed)
+    return result
 
 
 def accuracy_metric(num_classes: int, top_k: int, device) -> MulticlassAccuracy:
@@ -76,13 +92,16 @@ def accuracy_metric(num_classes: int, top_k: int, device) -> MulticlassAccuracy:
 
 @torch.no_grad()
 def knn_majority(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                 num_classes: int, k: int = 5, batch_size: int = 1024) -> dict:
-    """Unweighted majority vote of the k nearest neighbours: ``{"top1"}`` in percent.
+                 num_classes: int, k: int = 5, batch_size: int = 1024, *,
+                 keep_samples: bool = True, seed: int = 0) -> dict:
+    """Unweighted majority vote of the k nearest neighbours: ``{"top1"}`` in percent (and
+    ``"samples"`` / ``"ci"`` with ``keep_samples``).
     Among classes tied on votes, the one whose first neighbour is nearest wins."""
     check_knn_inputs(train_x, train_y, test_x, test_y, k)
     device = train_x.device
     train_x, train_y = train_x.float(), train_y.long()
     top1 = accuracy_metric(num_classes, 1, device)
+    hits = []
     for x, y in chunks(test_x.float().to(device), test_y.long().to(device), batch_size):
         _, index = nearest_neighbours(train_x, x, k)
         neighbours = train_y[index]  # (B, k), nearest first
@@ -95,17 +114,26 @@ def knn_majority(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         # Votes dominate; the nearer first occurrence only breaks ties.
         score = counts * (kk + 1) + (kk - first_rank)
         top1.update(score.float(), y)
-    return {"top1": float(top1.compute()) * 100.0}
+        if keep_samples:
+            hits.append(topk_hits(score.float(), y, 1))
+    result = {"top1": float(top1.compute()) * 100.0}
+    if keep_samples:
+        with_samples(result, hits_samples(top1=torch.cat(hits)), seed)
+    return result
 
 
 def knn_protocol(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07,
-                 majority_k: int = 5, batch_size: int = 1024) -> dict:
+                 majority_k: int = 5, batch_size: int = 1024, *, keep_samples: bool = True,
+                 seed: int = 0) -> dict:
     """Both kNN evaluations: ``{"k20_t0.07": {"top1", "top5"}, "k5_majority": {"top1"}}``
-    (keys follow ``k``, ``temperature`` and ``majority_k``)."""
+    (keys follow ``k``, ``temperature`` and ``majority_k``); with ``keep_samples`` each
+    variant also holds its ``"samples"`` and ``"ci"``."""
     return {
         f"k{k}_t{temperature:g}": knn_classify(train_x, train_y, test_x, test_y, num_classes,
-                                               k, temperature, batch_size),
+                                               k, temperature, batch_size,
+                                               keep_samples=keep_samples, seed=seed),
         f"k{majority_k}_majority": knn_majority(train_x, train_y, test_x, test_y, num_classes,
-                                                majority_k, batch_size),
+                                                majority_k, batch_size,
+                                                keep_samples=keep_samples, seed=seed),
     }

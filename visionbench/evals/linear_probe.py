@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from visionbench.errors import ConfigError
 from visionbench.methods.schedule import half_cycle_cosine
+from visionbench.results.bootstrap import hits_samples, with_samples
 
 EVAL_BATCH = 4096
 
@@ -109,6 +110,15 @@ def accuracy(logits: Tensor, labels: Tensor, num_classes: int, top_k: int = 1) -
     metric = MulticlassAccuracy(num_classes, top_k=top_k, average="micro",
                                 sync_on_compute=False).to(logits.device)
     return float(metric(logits, labels)) * 100.0
+
+
+def topk_hits(logits: Tensor, labels: Tensor, top_k: int = 1) -> Tensor:
+    """Per-sample booleans (N,) on the CPU: the label is among the ``top_k`` highest logits.
+    Top-1 is the argmax and top-k ``torch.topk``, as torchmetrics' ``MulticlassAccuracy``
+    decides, so the mean of the hits is the reported accuracy."""
+    if top_k == 1:
+        return (logits.argmax(dim=1) == labels).cpu()
+    return (logits.topk(top_k, dim=1).indices == labels[:, None]).any(dim=1).cpu()
 
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list[float]:
@@ -219,7 +229,8 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
                        test_x: Tensor, test_y: Tensor, num_classes: int, lrs: list[float],
                        weight_decays: list[float], epochs: int, batch_size: int,
                        warmup_epochs: int, seed: int, classes: list[str] | None = None,
-                       optimizer: str = "lars", max_extensions: int = 0) -> dict:
+                       optimizer: str = "lars", max_extensions: int = 0,
+                       keep_samples: bool = True) -> dict:
     """Train one head per (lr, weight decay) in one pass per epoch, pick the best by val
     top-1 (ties: the lower lr, then the lower weight decay), test it.
 
@@ -232,7 +243,11 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
     momentum 0.9, weight decay on every parameter). Runs on the device of ``train_x``.
     Returns ``{"grid": [{"lr", "weight_decay", "val_top1", "val_top5"}, ...],
     "best": {"lr", "weight_decay"}, "best_position", "extensions", "test_top1", "test_top5",
-    "classes", "per_class_acc"}`` with accuracies in percent.
+    "classes", "per_class_acc"}`` with accuracies in percent. With ``keep_samples`` (the
+    default) also the chosen head's per-sample test hits, ``"samples": {"kind": "hits", "n",
+    "top1": "0110...", "top5": ...}`` (``visionbench.results.bootstrap``), and their 95%
+    bootstrap intervals ``"ci": {"top1": [low, high], "top5": [low, high]}`` (1,000
+    resamples seeded by ``seed``).
     """
     check_inputs(train_x, train_y, num_classes, lrs, weight_decays, epochs, batch_size,
                  classes)
@@ -273,7 +288,7 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
     heads, h = trained[best]
     test_logits = head_logits(heads, test_x.float().to(device))[h]
     test_y = test_y.long().to(device)
-    return {
+    result = {
         "grid": results,
         "best": {"lr": results[best]["lr"], "weight_decay": results[best]["weight_decay"]},
         "best_position": "interior" if not edges else "edge: " + ", ".join(edges),
@@ -283,3 +298,8 @@ def linear_probe_sweep(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: T
         "classes": list(classes) if classes is not None else [str(c) for c in range(num_classes)],
         "per_class_acc": per_class_accuracy(test_logits, test_y, num_classes),
     }
+    if keep_samples:
+        samples = hits_samples(top1=topk_hits(test_logits, test_y),
+                               top5=topk_hits(test_logits, test_y, top5))
+        with_samples(result, samples, seed)
+    return result

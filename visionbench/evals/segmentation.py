@@ -56,9 +56,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError
 from visionbench.evals.finetune import param_groups_lrd
 from visionbench.methods.schedule import ensure_trained, set_lr
+from visionbench.results.bootstrap import encode_confusion, with_samples
 
 IGNORE_INDEX = 255
 PROTOCOLS = ("finetune", "linear")
@@ -378,6 +380,20 @@ def scores_from_confmat(confmat: Tensor) -> dict:
     return {"miou": miou, "per_class_iou": per_class, "pixel_acc": pixel_acc}
 
 
+def per_image_confusion(preds: Tensor, targets: Tensor, num_classes: int,
+                        ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """One confusion matrix per image, (B, C, C) int64 (rows: label, columns: prediction),
+    of label maps ``preds`` and ``targets`` (B, H, W); pixels at ``ignore_index`` (or with a
+    label outside [0, C)) left out. Their sum over images is the test set's matrix."""
+    batch = targets.shape[0]
+    preds, targets = preds.reshape(batch, -1).long(), targets.reshape(batch, -1).long()
+    valid = (targets != ignore_index) & (targets >= 0) & (targets < num_classes)
+    image = torch.arange(batch, device=targets.device)[:, None].expand_as(targets)
+    cell = (image * num_classes + targets) * num_classes + preds.clamp(0, num_classes - 1)
+    counts = torch.bincount(cell[valid], minlength=batch * num_classes * num_classes)
+    return counts.reshape(batch, num_classes, num_classes)
+
+
 def segmentation_metrics(preds: Tensor, targets: Tensor, num_classes: int,
                          ignore_index: int = IGNORE_INDEX) -> dict:
     """mIoU, per-class IoU and pixel accuracy (percent) of ``preds`` (labels (B, H, W) or
@@ -413,6 +429,9 @@ class SegmentationFineTuner(L.LightningModule):
         self.model = model
         self.test_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.test_scores: dict | None = None
+        # per-image matrices of the running test, each kept as its sparse text at once
+        self.test_confusions: list[str] = []
+        self.test_samples: dict | None = None  # their "samples" record, after a test
         self.total_steps = 0
         self.warmup_steps = 0
 
@@ -452,7 +471,7 @@ class SegmentationFineTuner(L.LightningModule):
             set_lr(optimizer, lr)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, masks = batch[0], batch[1]
+        images, masks = unpack(batch, "image", "mask")
         logits, aux = self.model.forward_with_aux(images)
         loss = segmentation_loss(logits, masks, self.hparams.ignore_index)
         if aux is not None and self.hparams.aux_weight > 0:
@@ -465,11 +484,22 @@ class SegmentationFineTuner(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         """Logits resized (bilinear) to the label's size before the argmax: scores at the
         original label resolution, as mmseg's ``rescale=True`` to ``ori_shape``."""
-        images, masks = batch[0], batch[1]
+        images, masks = unpack(batch, "image", "mask")
         logits = resize(self.predict_logits(images), masks.shape[-2:])
-        self.test_confmat.update(logits.argmax(dim=1), masks)
+        preds = logits.argmax(dim=1)
+        self.test_confmat.update(preds, masks)
+        matrices = per_image_confusion(preds, masks, self.hparams.num_classes,
+                                       self.hparams.ignore_index).cpu().numpy()
+        self.test_confusions += [encode_confusion(matrix) for matrix in matrices]
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusions = []
 
     def on_test_epoch_end(self) -> None:
+        if self.test_confusions:
+            self.test_samples = {"kind": "confusion", "num_classes": self.hparams.num_classes,
+                                 "confusion": self.test_confusions}
+        self.test_confusions = []
         self.test_scores = scores_from_confmat(self.test_confmat.compute())
         self.log("test_miou", self.test_scores["miou"])
         self.log("test_pixel_acc", self.test_scores["pixel_acc"])
@@ -549,7 +579,8 @@ def read_loss_history(metrics_csv: Path) -> list[dict]:
 def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes: int,
                      protocol: str = "finetune", cfg: dict | None = None,
                      out_dir: Path | str = ".", trainer_kwargs: dict | None = None,
-                     keep_model: bool = False, callbacks: tuple = ()) -> dict:
+                     keep_model: bool = False, callbacks: tuple = (),
+                     keep_samples: bool = True) -> dict:
     """Train a segmentation protocol on ``backbone`` (in place: pass a fresh copy), then test.
 
     Batches are ``(image (B, 3, H, W) normalized float, mask (B, H, W) long, 255 = ignore)``.
@@ -557,7 +588,12 @@ def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes
     required; the schedule spans the trainer's total optimizer steps). Returns ``{"miou",
     "per_class_iou", "pixel_acc"}`` in percent (absent classes ``None``), ``"epochs"`` and
     ``"steps"`` run, ``"history"`` of per-epoch train loss, and with ``keep_model`` the
-    trained model under ``"model"`` (not JSON-serializable).
+    trained model under ``"model"`` (not JSON-serializable). With ``keep_samples`` (the
+    default) also the per-image test confusion matrices, ``"samples": {"kind": "confusion",
+    "num_classes", "confusion": ["label*C+pred:count ...", ...]}``, and the 95% bootstrap
+    intervals over test images of mIoU and pixel accuracy, ``"ci": {"miou": [low, high],
+    "pixel_acc": [low, high]}`` (1,000 resamples seeded by ``cfg["seed"]``, 0 when None;
+    ``visionbench.results.bootstrap``).
     """
     cfg = segmentation_config(dict(cfg or {}), protocol)
     out_dir = Path(out_dir)
@@ -588,6 +624,8 @@ def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes
         "steps": int(trainer.global_step),
         "history": read_loss_history(Path(logger.log_dir) / "metrics.csv"),
     }
+    if keep_samples and module.test_samples is not None:
+        with_samples(result, module.test_samples, cfg["seed"])
     if keep_model:
         result["model"] = model.eval()
     return result
@@ -602,6 +640,7 @@ __all__ = [
     "SegmentationFineTuner",
     "SegmentationModel",
     "UperNetHead",
+    "per_image_confusion",
     "poly_lr",
     "predict_masks",
     "probe_blocks",

@@ -17,7 +17,10 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from visionbench.data.batch import unpack
+from visionbench.evals.finetune import TestHits
 from visionbench.methods.schedule import ensure_trained, half_cycle_cosine, set_lr
+from visionbench.results.bootstrap import with_samples
 
 
 class SupervisedClassifier(L.LightningModule):
@@ -34,6 +37,7 @@ class SupervisedClassifier(L.LightningModule):
         self.val_top1 = torchmetrics.Accuracy(**metric)
         self.test_top1 = torchmetrics.Accuracy(**metric)
         self.test_top5 = torchmetrics.Accuracy(top_k=min(5, num_classes), **metric)
+        self.test_hits = TestHits(min(5, num_classes))  # per-sample hits of the last test
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
@@ -53,13 +57,13 @@ class SupervisedClassifier(L.LightningModule):
         self.log("lr", lr, on_step=True, on_epoch=False)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, targets = batch
+        images, targets = unpack(batch, "image", "label")
         loss = self.loss(self(images), targets)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, targets = batch
+        images, targets = unpack(batch, "image", "label")
         self.val_top1.update(self(images), targets)
 
     def on_validation_epoch_end(self) -> None:
@@ -67,17 +71,26 @@ class SupervisedClassifier(L.LightningModule):
         self.val_top1.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        images, targets = batch
+        images, targets = unpack(batch, "image", "label")
         logits = self(images)
         self.test_top1.update(logits, targets)
         self.test_top5.update(logits, targets)
+        self.test_hits.update(logits, targets)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_hits.reset()
 
 
 def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, num_classes: int,
                    cfg: dict, trainer_kwargs: dict, out_dir: Path,
-                   callbacks: tuple = (), keep_model: bool = False) -> dict:
+                   callbacks: tuple = (), keep_model: bool = False, *,
+                   keep_samples: bool = True, seed: int | None = None) -> dict:
     """Train ``backbone`` (in place) with a linear head; returns test top-1/top-5 in percent
-    (and with ``keep_model`` the trained ``SupervisedClassifier`` under ``"model"``).
+    (and with ``keep_model`` the trained ``SupervisedClassifier`` under ``"model"``). With
+    ``keep_samples`` (the default) also the per-sample test hits, ``"samples": {"kind":
+    "hits", "n", "top1": "0110...", "top5": ...}``, and their 95% bootstrap intervals
+    ``"ci": {"top1": [low, high], "top5": [low, high]}`` (1,000 resamples seeded by ``seed``,
+    0 when None; ``visionbench.results.bootstrap``).
 
     A callback may stop training early (e.g. ``DivergenceMonitor``); the caller checks it.
     """
@@ -101,6 +114,10 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
         "test_top5": float(model.test_top5.compute()) * 100,
         "epochs": model.epochs,
     }
+    samples = model.test_hits.samples()
+    if keep_samples and samples is not None:
+        with_samples(result, samples, seed)
+    model.test_hits.reset()
     if keep_model:
         result["model"] = model
     return result

@@ -1,9 +1,11 @@
 """The base LightningModule every pretraining method derives from (solo-learn style).
 
-It owns the optimizer (AdamW over weight-decay groups, lr from MAE's linear scaling rule), the
-per-step warmup + half-cycle cosine schedule, and logging of the learning rate. A method
-implements ``forward`` and ``pretrain_loss(batch)`` and, when it has them, ``no_decay_names``
-and ``optimizer_groups``.
+It takes the method config's ``Schedule`` whole and owns the optimizer (AdamW over
+weight-decay groups by default, lr from MAE's linear scaling rule), the per-step warmup +
+half-cycle cosine schedule, and logging of the learning rate. A method implements
+``pretrain_loss(batch)`` over dict batches and, where it differs, ``optimizer_groups`` and
+``make_optimizer``; it names its config (``config``), the backbone families it pretrains
+(``families``), ``from_config(encoder, section, model, data)`` and ``train_transform``.
 """
 
 from __future__ import annotations
@@ -19,29 +21,42 @@ from visionbench.methods.schedule import (
     set_lr,
     weight_decay_groups,
 )
+from visionbench.schema import Schedule
 
 
 class PretrainModule(L.LightningModule):
+    config: type = Schedule  # a method's MethodConfig subclass
+    families: tuple[str, ...] = ()  # backbone families it pretrains (visionbench.backbones)
+
     def __init__(
         self,
+        schedule: Schedule,
         *,
         batch_size: int,
-        blr: float,
-        weight_decay: float,
-        warmup_epochs: float,
-        epochs: int,
-        min_lr: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
     ) -> None:
         super().__init__()
+        self.schedule = schedule
         self.batch_size = batch_size
-        self.blr = blr
-        self.weight_decay = weight_decay
-        self.warmup_epochs = warmup_epochs
-        self.epochs = epochs
-        self.min_lr = min_lr
+        self.blr = schedule.blr
+        self.weight_decay = schedule.weight_decay
+        self.warmup_epochs = schedule.warmup_epochs
+        self.epochs = schedule.epochs
+        self.min_lr = schedule.min_lr
         self.betas = tuple(betas)
-        self.base_lr = absolute_lr(blr, batch_size)
+        self.base_lr = absolute_lr(self.blr, batch_size)
+
+    @classmethod
+    def from_config(cls, encoder, section, model, data) -> PretrainModule:
+        """The module ``section`` (this method's config) describes around ``encoder``; ``model``
+        and ``data`` are the experiment's model and data sections."""
+        raise NotImplementedError
+
+    @classmethod
+    def train_transform(cls, section, data):
+        """The callable that maps a reader's sample dict (``image``: PIL image, ``label``) to
+        the training sample dict this method's ``pretrain_loss`` reads."""
+        raise NotImplementedError
 
     # -- methods override these ------------------------------------------------------------
     def pretrain_loss(self, batch, generator_seed: int | None = None) -> torch.Tensor:
@@ -49,6 +64,9 @@ class PretrainModule(L.LightningModule):
 
     def optimizer_groups(self) -> list[dict]:
         return weight_decay_groups(self, self.weight_decay)
+
+    def make_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 
     # -- shared machinery --------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -66,7 +84,7 @@ class PretrainModule(L.LightningModule):
         self.base_lr = absolute_lr(
             self.blr, self.batch_size, trainer.accumulate_grad_batches, trainer.world_size
         )
-        return torch.optim.AdamW(self.optimizer_groups(), lr=self.base_lr, betas=self.betas)
+        return self.make_optimizer(self.optimizer_groups(), self.base_lr)
 
     def steps_per_epoch(self) -> int:
         trainer = self.trainer

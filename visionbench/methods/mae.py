@@ -12,16 +12,39 @@ the pretrained encoder is the backbone every protocol evaluates.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from visionbench.backbones.pos_embed import fixed_sincos_
 from visionbench.backbones.vit import init_linear_and_norm_
 from visionbench.backbones.weights import read_state_dict, split_mae_state
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError, WeightsError
 from visionbench.methods.base import PretrainModule
+from visionbench.methods.registry import register_method
 from visionbench.norms import norm_layer
+from visionbench.schema import LocalFile, MethodConfig
+
+
+class MAEConfig(MethodConfig):
+    """MAE pretraining (``main_pretrain.py`` / PRETRAIN.md: ViT-B 800 epochs, 40 warmup, blr
+    1.5e-4, weight decay 0.05, mask ratio 0.75, normalized pixel loss, decoder 512 x 8 x 16)."""
+
+    method: Literal["mae"] = "mae"
+    epochs: int = Field(800, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    blr: float = Field(1.5e-4, gt=0)
+    mask_ratio: float = Field(0.75, ge=0, lt=1)
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int = Field(512, gt=0)
+    decoder_depth: int = Field(8, gt=0)
+    decoder_num_heads: int = Field(16, gt=0)
+    official_weights: LocalFile = None
+    figure_images: int = Field(8, gt=0)
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -77,12 +100,17 @@ def masked_patch_loss(
     return (loss * mask).sum() / mask.sum()
 
 
+@register_method
 class MAE(PretrainModule):
     """Masked autoencoder around a timm ViT encoder (``num_classes=0``)."""
+
+    config = MAEConfig
+    families = ("vit",)
 
     def __init__(
         self,
         encoder: VisionTransformer,
+        schedule: MAEConfig | None = None,
         *,
         decoder_embed_dim: int = 512,
         decoder_depth: int = 8,
@@ -93,21 +121,8 @@ class MAE(PretrainModule):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         batch_size: int = 64,
-        blr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 40,
-        epochs: int = 800,
-        min_lr: float = 0.0,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            blr=blr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            epochs=epochs,
-            min_lr=min_lr,
-            betas=(0.9, 0.95),
-        )
+        super().__init__(schedule or MAEConfig(), batch_size=batch_size, betas=(0.9, 0.95))
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.encoder = encoder
@@ -145,29 +160,31 @@ class MAE(PretrainModule):
                 init_linear_and_norm_(module)
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, cfg) -> MAE:
-        """The module an ``ExperimentConfig`` describes, around ``encoder``."""
+    def from_config(cls, encoder: nn.Module, section: MAEConfig, model, data) -> MAE:
+        """The module ``section`` describes around ``encoder`` (the decoder takes the model's
+        norm; the lr scales with the data's batch)."""
         if not isinstance(encoder, VisionTransformer):
-            raise ConfigError(
-                f"model.backbone: MAE pretraining needs a ViT, got {cfg.model.backbone}"
-            )
-        p = cfg.pretrain
+            raise ConfigError(f"model.backbone: MAE pretrains ViT backbones (families: "
+                              f"{', '.join(cls.families)}), not {model.backbone}")
         return cls(
             encoder,
-            decoder_embed_dim=p.decoder_embed_dim,
-            decoder_depth=p.decoder_depth,
-            decoder_num_heads=p.decoder_num_heads,
-            norm=cfg.model.norm,
-            norm_options=cfg.model.norm_options.get(cfg.model.norm),
-            mask_ratio=p.mask_ratio,
-            norm_pix_loss=p.norm_pix_loss,
-            batch_size=cfg.data.batch_size,
-            blr=p.blr,
-            weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs,
-            epochs=p.epochs,
-            min_lr=p.min_lr,
+            section,
+            decoder_embed_dim=section.decoder_embed_dim,
+            decoder_depth=section.decoder_depth,
+            decoder_num_heads=section.decoder_num_heads,
+            norm=model.norm,
+            norm_options=model.norm_options.get(model.norm),
+            mask_ratio=section.mask_ratio,
+            norm_pix_loss=section.norm_pix_loss,
+            batch_size=data.batch_size,
         )
+
+    @classmethod
+    def train_transform(cls, section: MAEConfig, data):
+        """``main_pretrain.py``: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalize."""
+        from visionbench.data.transforms import mae_pretrain_transform
+
+        return mae_pretrain_transform(data)
 
     # -- model ------------------------------------------------------------------------------
     def forward_encoder(
@@ -213,7 +230,7 @@ class MAE(PretrainModule):
         return loss, pred, mask
 
     def pretrain_loss(self, batch, generator_seed: int | None = None) -> torch.Tensor:
-        imgs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        imgs = batch if torch.is_tensor(batch) else unpack(batch, "image")
         noise = None
         if generator_seed is not None:  # a fixed masking per validation batch
             gen = torch.Generator().manual_seed(generator_seed)

@@ -37,8 +37,11 @@ segmentation backbones load it.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -50,9 +53,13 @@ from visionbench.analysis.attention import (
     hybrid_layer,
     layer_nmi,
 )
+from visionbench.data.batch import unpack
 from visionbench.errors import ConfigError
 from visionbench.methods.base import PretrainModule
+from visionbench.methods.mae import MAEConfig
+from visionbench.methods.registry import register_method
 from visionbench.methods.schedule import weight_decay_groups
+from visionbench.schema import LocalFile, MethodConfig, Strict
 
 
 def attention_distillation_loss(
@@ -117,38 +124,104 @@ def choose_teacher_layer(
     return layer, nmi, reason
 
 
+class TeacherConfig(Strict):
+    """UNIP's teacher: a local pretrained ViT (the official scripts distil the ImageNet MAE-L
+    checkpoint), or, as an explicit option, one pretrained here by MAE on the mix."""
+
+    backbone: str = "vit_large_patch16_224"
+    backbone_kwargs: dict[str, Any] = {}
+    source: Literal["weights", "pretrain"] = "weights"
+    weights: LocalFile = None  # timm or official MAE layout (source: weights)
+    epochs: int = Field(800, gt=0)  # MAE epochs when the teacher is pretrained here
+    layer: int | None = Field(None, ge=0)  # 0-based distilled block; None: deepest hybrid (NMI)
+
+    @field_validator("backbone")
+    @classmethod
+    def _vit(cls, value: str) -> str:
+        from visionbench.backbones import backbone_family
+
+        if backbone_family(value) != "vit":
+            raise ValueError(f"the teacher must be a ViT, not {value}")
+        return value
+
+
+class NMIConfig(Strict):
+    local_threshold: float = Field(0.12, gt=0, lt=1)
+    global_threshold: float = Field(0.06, gt=0, lt=1)
+    images: int = Field(256, gt=0)  # pretraining images the per-layer NMI is averaged over
+    batch_size: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NMIConfig:
+        if self.global_threshold >= self.local_threshold:
+            raise ValueError("global_threshold must be below local_threshold")
+        return self
+
+
+class ThermalSynthConfig(Strict):
+    """Sizes of the embedded thermal set and of the demo InfMix's grey ``shapes`` share."""
+
+    n_train: int = Field(400, gt=0)
+    n_test: int = Field(160, gt=0)
+    n_pretrain: int = Field(800, gt=0)
+    shapes_per_class: int = Field(50, ge=0)  # grey shapes images in the demo InfMix
+
+
+class UNIPConfig(MethodConfig):
+    """NMI-HAD distillation; the schedule is the distillation's (UNIP_pretraining/train_scripts:
+    100 epochs, 5 warmup, blr 1.5e-4, weight decay 0.05, effective batch 4096). ``mae`` is the
+    MAE pretraining of the MAE-student baseline and of a teacher made in the run."""
+
+    method: Literal["unip"] = "unip"
+    epochs: int = Field(100, gt=0)
+    warmup_epochs: float = Field(5, ge=0)
+    checkpoint_every_n_steps: int = Field(1000, gt=0)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    students: list[Literal["unip", "mae", "random"]] = ["unip", "mae", "random"]
+    # pretraining images under --data-root: folders of images (RGB ones turned grey) or
+    # infrared segmentation sets (their training images); the demo generates its own
+    pretrain_data: list[str] = ["InfMix"]
+    teacher: TeacherConfig = TeacherConfig()
+    nmi: NMIConfig = NMIConfig()
+    mae: MAEConfig = MAEConfig()
+    synth: ThermalSynthConfig = ThermalSynthConfig()
+
+    def check_ready(self) -> None:
+        """Checked when the run is resolved (``visionbench show`` does not need the file)."""
+        t = self.teacher
+        if t.source == "weights" and t.weights is None:
+            raise ValueError("pretrain.teacher.weights: the teacher is a local checkpoint (the "
+                             "official scripts distil ImageNet MAE-L); give its file, or set "
+                             "pretrain.teacher.source=pretrain to pretrain one by MAE in the run")
+        if t.source == "pretrain" and t.weights is not None:
+            raise ValueError("pretrain.teacher: weights are given but source is 'pretrain'; "
+                             "set source=weights to distil them")
+
+
 def _check_vit(model: nn.Module, role: str) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"UNIP: the {role} must be a ViT, got {type(model).__name__}")
     return model
 
 
+@register_method
 class UNIP(PretrainModule):
     """A student ViT whose last attention learns one frozen teacher layer's attention."""
+
+    config = UNIPConfig
+    families = ("vit",)
 
     def __init__(
         self,
         teacher: VisionTransformer,
         student: VisionTransformer,
+        schedule: UNIPConfig | None = None,
         *,
         teacher_layer: int,
         drop_path: float = 0.1,
         batch_size: int = 256,
-        blr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 5,
-        epochs: int = 100,
-        min_lr: float = 0.0,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            blr=blr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            epochs=epochs,
-            min_lr=min_lr,
-            betas=(0.9, 0.95),
-        )
+        super().__init__(schedule or UNIPConfig(), batch_size=batch_size, betas=(0.9, 0.95))
         _check_vit(teacher, "teacher")
         _check_vit(student, "student")
         depth = len(teacher.blocks)
@@ -180,35 +253,37 @@ class UNIP(PretrainModule):
         self.drop_path = drop_path
 
     @classmethod
-    def from_config(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        cfg,
-        teacher_layer: int | None = None,
-    ) -> UNIP:
-        """The module an ``ExperimentConfig`` describes (``cfg.unip.distill``, the batch of
-        ``cfg.data``); ``teacher_layer`` (e.g. from ``choose_teacher_layer``) overrides
-        ``cfg.unip.teacher.layer``."""
-        d = cfg.unip.distill
-        layer = cfg.unip.teacher.layer if teacher_layer is None else teacher_layer
+    def from_config(cls, encoder: nn.Module, section: UNIPConfig, model, data, *,
+                    teacher: nn.Module, teacher_layer: int | None = None) -> UNIP:
+        """The module ``section`` describes: ``encoder`` is the student, ``teacher`` the frozen
+        teacher; ``teacher_layer`` (e.g. from ``choose_teacher_layer``) overrides
+        ``section.teacher.layer``; the lr scales with the data's batch."""
+        layer = section.teacher.layer if teacher_layer is None else teacher_layer
         if layer is None:
             raise ConfigError(
-                "unip.teacher.layer: not set; give a 0-based block index or let the NMI "
+                "pretrain.teacher.layer: not set; give a 0-based block index or let the NMI "
                 "analysis choose it"
             )
         return cls(
             _check_vit(teacher, "teacher"),
-            _check_vit(student, "student"),
+            _check_vit(encoder, "student"),
+            section,
             teacher_layer=int(layer),
-            drop_path=d.drop_path,
-            batch_size=cfg.data.batch_size,
-            blr=d.blr,
-            weight_decay=d.weight_decay,
-            warmup_epochs=d.warmup_epochs,
-            epochs=d.epochs,
-            min_lr=d.min_lr,
+            drop_path=section.drop_path,
+            batch_size=data.batch_size,
         )
+
+    @classmethod
+    def train_transform(cls, section: UNIPConfig, data):
+        """MAE's pretraining crop (``main_pretrain.py`` of UNIP_pretraining)."""
+        from visionbench.data.transforms import mae_pretrain_transform
+
+        return mae_pretrain_transform(data)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The student: what the run saves and evaluates."""
+        return self.student
 
     def train(self, mode: bool = True) -> UNIP:
         """Lightning puts the whole module in train mode each epoch; the teacher stays in eval."""
@@ -228,7 +303,7 @@ class UNIP(PretrainModule):
         return attention_distillation_loss(self.student_logits(imgs), self.teacher_logits(imgs))
 
     def pretrain_loss(self, batch, generator_seed: int | None = None) -> torch.Tensor:
-        imgs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        imgs = batch if torch.is_tensor(batch) else unpack(batch, "image")
         return self(imgs)
 
     def optimizer_groups(self) -> list[dict]:

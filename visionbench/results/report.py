@@ -1,12 +1,21 @@
 """The report of one run: ``report.md`` and its figures, built from whatever records exist.
 
-Reads ``metrics.json`` (header and results table) and ``evals/<init>/{linear_probe,knn,
-finetune}.json``; any of them may be missing and the report skips that part. Figures go to
-``figures/``: ``probe_grid_<init>.png`` (validation top-1 over the lr x weight-decay grid)
-and ``per_class_<init>.png`` (per-class test accuracy of the best probe). Other PNGs already
-in ``figures/`` (e.g. ``mae_reconstruction.png``) are embedded as they are, and so are the
-Markdown tables an experiment writes to ``tables/`` (e.g. per-layer NMI, throughput). Image
-links are relative to the run folder, so the folder can be moved or copied as a whole.
+Reads ``metrics.json`` (header, and its ``results`` rows as one table per protocol and
+variant, with the 95% bootstrap interval when a row has one) and every result file a
+protocol wrote under ``evals/`` (any ``*.json`` at any depth: ``evals/<init>/<protocol>.json``,
+``evals/<student>/<dataset>/<protocol>.json``, those of protocols added later); any of them may
+be missing and the report skips that part. Before ``metrics.json`` exists the results table
+is rebuilt from those files (``visionbench.results.rows.rows_from_result``).
+
+A result file gets a section by what it holds, not by its name: its test metrics (with their
+intervals), a linear-probe grid (``grid`` + ``best``: the lr x weight-decay table and the
+``figures/probe_grid_<label>.png`` heatmap; ``per_class_acc``: ``figures/per_class_<label>.png``),
+sub-results such as kNN's classifiers (one row each), a training ``history`` (one row per
+epoch) and ``per_class_iou``. A file with none of these (a protocol's own layout) is listed
+under "Result files" only. Other PNGs in ``figures/`` (e.g. ``mae_reconstruction.png``) are
+embedded as they are, and so are the Markdown tables an experiment writes to ``tables/``
+(e.g. per-layer NMI, throughput). Image links are relative to the run folder, so the folder
+can be moved or copied as a whole.
 """
 
 from __future__ import annotations
@@ -25,13 +34,26 @@ from visionbench.results.records import (
     read_json,
     read_metrics,
 )
+from visionbench.results.rows import result_ci, result_metrics, rows_from_result
+from visionbench.results.tables import (
+    format_interval,
+    format_value,
+    is_number,
+    markdown_table,
+    md,
+    pct,
+    result_tables,
+)
 
 REPORT_NAME = "report.md"
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
-# Result fields that, when a run's results carry them, get their own column in the table.
-_RESULT_COLUMNS = ("backbone", "norm", "placement", "dataset", "init", "protocol", "metric")
-PROTOCOL_FILES = ("linear_probe", "knn", "finetune")
+RESULTS_DIR = "evals"
+# Readable names of protocol files; any other file is titled by its name.
+_TITLES = {"linear_probe": "Linear probe", "linear": "Linear probe", "knn": "kNN",
+           "finetune": "Fine-tune", "supervised": "Supervised"}
+_METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "miou": "mIoU",
+                  "pixel_acc": "pixel accuracy", "loss": "loss"}
 
 _RUN_ID = re.compile(r"^(?P<stamp>\d{8}T\d{6}Z)-(?P<experiment>.+)-(?P<hash>[0-9a-f]{8})$")
 _HEADER_FIELDS = (
@@ -55,64 +77,83 @@ def write_report(run_dir: str | os.PathLike, metrics: dict | None = None) -> Pat
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
     has_metrics = metrics is not None or (run_dir / "metrics.json").is_file()
-    if not has_metrics and not (run_dir / "evals").is_dir() and not (
+    if not has_metrics and not (run_dir / RESULTS_DIR).is_dir() and not (
             run_dir / "status.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no metrics.json, evals/ or status.json)")
     if metrics is None:
         metrics = read_metrics(run_dir) if has_metrics else {}
-    evals = _read_evals(run_dir)
+    files = read_result_files(run_dir)
 
     generated: list[str] = []
     lines = _header(run_dir, metrics)
-    lines += _results_section(metrics.get("results") or _results_from_evals(evals))
-    for init, protocols in evals.items():
-        lines += _init_sections(run_dir, init, protocols, generated)
+    lines += _results_section(metrics.get("results") or results_from_files(files))
+    listed = []
+    for relative, data in files.items():
+        section = _file_section(run_dir, relative, data, generated)
+        lines += section
+        listed.append((relative, bool(section)))
     lines += _tables(run_dir)
     lines += _other_figures(run_dir, generated)
+    lines += _file_list(listed)
 
     path = run_dir / REPORT_NAME
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
-def _read_evals(run_dir: Path) -> dict[str, dict[str, dict]]:
-    """{init: {protocol: parsed JSON}} for every evals/<init>/<protocol>.json present."""
-    evals: dict[str, dict[str, dict]] = {}
-    evals_dir = run_dir / "evals"
-    if not evals_dir.is_dir():
-        return evals
-    for init_dir in sorted(p for p in evals_dir.iterdir() if p.is_dir()):
-        found = {}
-        for protocol in PROTOCOL_FILES:
-            path = init_dir / f"{protocol}.json"
-            if path.is_file():
-                data = read_json(path)
-                if not isinstance(data, dict):
-                    raise UserError(f"{path}: expected a JSON object at the top level")
-                found[protocol] = data
-        if found:
-            evals[init_dir.name] = found
-    return evals
+def results_markdown(run_dir: str | os.PathLike) -> str:
+    """The per-protocol, per-variant results tables of a run (Markdown), for the CLI to
+    print: from ``metrics.json``, else rebuilt from the result files."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.json").is_file() else {}
+    rows = metrics.get("results") or results_from_files(read_result_files(run_dir))
+    return "\n".join(result_tables(rows, heading="##")).rstrip() + "\n"
 
 
-def _results_from_evals(evals: dict[str, dict[str, dict]]) -> list[dict]:
-    """The metrics.json ``results`` list, rebuilt from the eval files (before metrics.json)."""
+def read_result_files(run_dir: str | os.PathLike) -> dict[Path, dict]:
+    """{path relative to ``evals/``: parsed JSON object} of every ``*.json`` under
+    ``run_dir/evals`` at any depth, ordered by folder, then grids and sub-results first,
+    then by name. A file that is not a JSON object is a ``UserError``."""
+    root = Path(run_dir) / RESULTS_DIR
+    if not root.is_dir():
+        return {}
+    found = {}
+    for path in root.rglob("*.json"):
+        if not path.is_file():
+            continue
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object at the top level")
+        found[path.relative_to(root)] = data
+    return dict(sorted(found.items(), key=lambda item: (
+        item[0].parent.parts, _shape_rank(item[1]), item[0].name)))
+
+
+def results_from_files(files: dict[Path, dict]) -> list[dict]:
+    """The metrics.json ``results`` rows, rebuilt from the result files (before metrics.json):
+    the first folder under ``evals/`` is the init, deeper folders the dataset, the file name
+    the protocol (sub-results: ``<protocol>_<key>``)."""
     results = []
-
-    def add(init: str, protocol: str, metric: str, value: Any) -> None:
-        if _is_number(value):
-            results.append(dict(init=init, protocol=protocol, metric=metric, value=value))
-
-    for init, protocols in evals.items():
-        for protocol in ("linear_probe", "finetune"):
-            data = protocols.get(protocol, {})
-            add(init, protocol, "top1", data.get("test_top1"))
-            add(init, protocol, "top5", data.get("test_top5"))
-        for name, scores in protocols.get("knn", {}).items():
-            if isinstance(scores, dict):
-                add(init, f"knn_{name}", "top1", scores.get("top1"))
-                add(init, f"knn_{name}", "top5", scores.get("top5"))
+    for relative, data in files.items():
+        parts = relative.parent.parts
+        if not parts:
+            continue
+        extra = {"dataset": "/".join(parts[1:])} if len(parts) > 1 else {}
+        for row in rows_from_result(data, init=parts[0], protocol=relative.stem):
+            results.append({**extra, **row})
     return results
+
+
+def _shape_rank(data: dict) -> int:
+    if isinstance(data.get("grid"), list):
+        return 0
+    return 1 if _sub_results(data) else 2
+
+
+def _sub_results(data: dict) -> dict[str, dict]:
+    if result_metrics(data):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict) and result_metrics(v)}
 
 
 def _header(run_dir: Path, metrics: dict) -> list[str]:
@@ -124,7 +165,7 @@ def _header(run_dir: Path, metrics: dict) -> list[str]:
         info.setdefault("config_hash", match["hash"])
     _fill_from(info, run_dir / "status.json", ("status",))
     _fill_from(info, run_dir / "environment.json", ("precision", "device"))
-    if _is_number(info.get("wall_s")):
+    if is_number(info.get("wall_s")):
         info["wall_s"] = _duration(info["wall_s"])
 
     lines = [f"# {info.get('experiment', 'Run')}: {info['run_id']}", ""]
@@ -133,7 +174,7 @@ def _header(run_dir: Path, metrics: dict) -> list[str]:
     lines += ["| field | value |", "|---|---|"]
     for key, label in _HEADER_FIELDS:
         if info.get(key) not in (None, ""):
-            lines.append(f"| {label} | {_md(info[key])} |")
+            lines.append(f"| {label} | {md(info[key])} |")
     return lines + [""]
 
 
@@ -150,27 +191,9 @@ def _fill_from(info: dict, path: Path, keys: tuple[str, ...]) -> None:
 def _results_section(results: list[dict]) -> list[str]:
     if not results:
         return []
-    columns = [c for c in _RESULT_COLUMNS if any(c in r for r in results)]
-    lines = ["## Results", "", "| " + " | ".join(columns) + " | value |",
-             "|" + "---|" * len(columns) + "---:|"]  # fmt: skip
-    for r in results:
-        cells = [_md(r.get(c, "")) for c in columns]
-        value = _value(r.get("metric"), r.get("value"))
-        lines.append("| " + " | ".join(cells) + f" | {value} |")
-    return lines + [""]
-
-
-def _is_percent(metric: Any) -> bool:
-    """Accuracies and IoUs are percentages; counts like a divergence step are not."""
-    return str(metric) in ("top1", "top5", "miou", "pixel_acc", "macc", "mce", "mean_top1")
-
-
-def _value(metric: Any, value: Any) -> str:
-    if _is_percent(metric):
-        return _pct(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return _md(value)
+    note = ("Intervals: 95% bootstrap over test samples (1,000 seeded resamples)."
+            if any("ci_low" in r or "ci" in r for r in results) else None)
+    return ["## Results", "", *([note, ""] if note else []), *result_tables(results)]
 
 
 def _tables(run_dir: Path) -> list[str]:
@@ -183,48 +206,141 @@ def _tables(run_dir: Path) -> list[str]:
     return lines
 
 
-def _init_sections(run_dir: Path, init: str, protocols: dict, generated: list[str]) -> list[str]:
-    lines = []
-    if "linear_probe" in protocols:
-        lines += _probe_section(run_dir, init, protocols["linear_probe"], generated)
-    if "knn" in protocols:
-        lines += _knn_section(init, protocols["knn"])
-    if "finetune" in protocols:
-        lines += _finetune_section(init, protocols["finetune"])
-    return lines
+# -- one section per result file -------------------------------------------------------------
 
 
-def _probe_section(run_dir: Path, init: str, probe: dict, generated: list[str]) -> list[str]:
-    best = probe.get("best") if isinstance(probe.get("best"), dict) else {}
-    lines = [
-        f"## Linear probe: init `{init}`", "",
-        f"- Best learning rate: {_md(best.get('lr', '–'))}, "
-        f"weight decay: {_md(best.get('weight_decay', '–'))}"
-        + (f" ({_best_position(probe)})" if probe.get("best_position") else ""),
-        f"- Test top-1: **{_pct(probe.get('test_top1'))}**, "
-        f"top-5: {_pct(probe.get('test_top5'))}",
-        "",
-    ]  # fmt: skip
-    grid = [g for g in probe.get("grid") or [] if isinstance(g, dict)]
+def _file_section(run_dir: Path, relative: Path, data: dict, generated: list[str]) -> list[str]:
+    label = "/".join(relative.parent.parts) or relative.stem
+    title = _TITLES.get(relative.stem, relative.stem.replace("_", " ").capitalize())
+    body: list[str] = []
+    grid = [g for g in data.get("grid") or [] if isinstance(g, dict)] \
+        if isinstance(data.get("grid"), list) else []
+    if grid or isinstance(data.get("best"), dict):
+        body += _best_line(data)
+    body += _metrics_line(data)
+    if body:
+        body.append("")
+    body += _sub_results_table(data)
     if grid:
-        lines += ["| lr | weight decay | val top-1 | val top-5 |", "|---:|---:|---:|---:|"]
-        for g in grid:
-            top1 = _pct(g.get("val_top1")) + (" (best)" if _same_point(g, best) else "")
-            point = f"| {_md(g.get('lr'))} | {_md(g.get('weight_decay'))} "
-            lines.append(f"{point}| {top1} | {_pct(g.get('val_top5'))} |")
-        lines.append("")
-        name = f"probe_grid_{_safe(init)}.png"
-        if _save_figure(run_dir, name, _plot_probe_grid(grid, best, init)):
-            generated.append(name)
-            lines += [f"![Linear-probe grid, init {init}]({FIGURES_DIR}/{name})", ""]
-    classes, accuracy = probe.get("classes"), probe.get("per_class_acc")
-    if isinstance(classes, list) and isinstance(accuracy, list) and classes:
-        if len(classes) == len(accuracy):
-            name = f"per_class_{_safe(init)}.png"
-            if _save_figure(run_dir, name, _plot_per_class(classes, accuracy, init)):
-                generated.append(name)
-                lines += [f"![Per-class test accuracy, init {init}]({FIGURES_DIR}/{name})", ""]
+        body += _grid_table(run_dir, label, grid, data, generated)
+    body += _per_class_figure(run_dir, label, data, generated)
+    body += _history_table(data)
+    body += _per_class_iou_table(data)
+    if not body:
+        return []
+    return [f"## {title}: init `{label}`", "", *body]
+
+
+def _best_line(probe: dict) -> list[str]:
+    best = probe.get("best") if isinstance(probe.get("best"), dict) else {}
+    return [f"- Best learning rate: {md(best.get('lr', '–'))}, "
+            f"weight decay: {md(best.get('weight_decay', '–'))}"
+            + (f" ({_best_position(probe)})" if probe.get("best_position") else "")]
+
+
+def _metrics_line(data: dict) -> list[str]:
+    metrics = result_metrics(data)
+    if not metrics:
+        return []
+    intervals = result_ci(data)
+    cells = []
+    for index, (metric, value) in enumerate(metrics.items()):
+        text = format_value(metric, value)
+        text = f"**{text}**" if index == 0 else text
+        if metric in intervals:
+            low, high = intervals[metric]
+            text += f" (95% CI {format_value(metric, low)}–{format_value(metric, high)})"
+        cells.append(f"{_METRIC_LABELS.get(metric, metric)}: {text}")
+    lines = ["- Test " + ", ".join(cells)]
+    if data.get("epochs") is not None:
+        lines.append(f"- Epochs: {md(data['epochs'])}")
     return lines
+
+
+def _sub_results_table(data: dict) -> list[str]:
+    subs = _sub_results(data)
+    if not subs:
+        return []
+    metrics: list[str] = []
+    for sub in subs.values():
+        metrics += [m for m in result_metrics(sub) if m not in metrics]
+    body = []
+    for name, sub in subs.items():
+        values, intervals = result_metrics(sub), result_ci(sub)
+        cells = [name]
+        for metric in metrics:
+            text = format_value(metric, values.get(metric))
+            if metric in intervals:
+                text += " " + format_interval(metric, intervals[metric])
+            cells.append(text)
+        body.append(cells)
+    header = ["classifier", *(_METRIC_LABELS.get(m, m) for m in metrics)]
+    return [*markdown_table(header, body, [False] + [True] * len(metrics)), ""]
+
+
+def _grid_table(run_dir: Path, label: str, grid: list[dict], probe: dict,
+                generated: list[str]) -> list[str]:
+    best = probe.get("best") if isinstance(probe.get("best"), dict) else {}
+    lines = ["| lr | weight decay | val top-1 | val top-5 |", "|---:|---:|---:|---:|"]
+    for g in grid:
+        top1 = pct(g.get("val_top1")) + (" (best)" if _same_point(g, best) else "")
+        point = f"| {md(g.get('lr'))} | {md(g.get('weight_decay'))} "
+        lines.append(f"{point}| {top1} | {pct(g.get('val_top5'))} |")
+    lines.append("")
+    name = f"probe_grid_{_safe(label)}.png"
+    if _save_figure(run_dir, name, _plot_probe_grid(grid, best, label)):
+        generated.append(name)
+        lines += [f"![Linear-probe grid, init {label}]({FIGURES_DIR}/{name})", ""]
+    return lines
+
+
+def _per_class_figure(run_dir: Path, label: str, data: dict, generated: list[str]) -> list[str]:
+    classes, accuracy = data.get("classes"), data.get("per_class_acc")
+    if not (isinstance(classes, list) and isinstance(accuracy, list) and classes
+            and len(classes) == len(accuracy)):
+        return []
+    name = f"per_class_{_safe(label)}.png"
+    if not _save_figure(run_dir, name, _plot_per_class(classes, accuracy, label)):
+        return []
+    generated.append(name)
+    return [f"![Per-class test accuracy, init {label}]({FIGURES_DIR}/{name})", ""]
+
+
+def _history_table(data: dict) -> list[str]:
+    history = [h for h in data.get("history") or [] if isinstance(h, dict)] \
+        if isinstance(data.get("history"), list) else []
+    if not history:
+        return []
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k != "epoch" and k not in keys]
+    header = ["epoch", *(k.replace("_", " ").replace("top1", "top-1") for k in keys)]
+    body = [[h.get("epoch", "–"), *(_history_cell(k, h.get(k)) for k in keys)] for h in history]
+    return [*markdown_table(header, body, [True] * len(header)), ""]
+
+
+def _history_cell(key: str, value: Any) -> str:
+    if not is_number(value):
+        return "–"
+    if "loss" in key:
+        return f"{value:.4f}"
+    metric = key.split("_", 1)[1] if key.startswith(("val_", "train_", "test_")) else key
+    return format_value(metric, float(value))
+
+
+def _per_class_iou_table(data: dict) -> list[str]:
+    iou = data.get("per_class_iou")
+    if not isinstance(iou, list) or not iou:
+        return []
+    classes = data.get("classes")
+    if not (isinstance(classes, list) and len(classes) == len(iou)):
+        classes = list(range(len(iou)))
+    body = [[name, pct(value)] for name, value in zip(classes, iou, strict=True)
+            if value is not None]
+    absent = len(iou) - len(body)
+    note = [f"{absent} class(es) absent from the test set (no IoU) left out.", ""] \
+        if absent else []
+    return [*markdown_table(["class", "IoU"], body, [False, True]), "", *note]
 
 
 def _best_position(probe: dict) -> str:
@@ -237,36 +353,6 @@ def _best_position(probe: dict) -> str:
         if position != "interior":
             text += " (the bound): a wider grid may do better"
     return text
-
-
-def _knn_section(init: str, knn: dict) -> list[str]:
-    rows = [(name, s) for name, s in knn.items() if isinstance(s, dict)]
-    if not rows:
-        return []
-    lines = [f"## kNN: init `{init}`", "", "| classifier | top-1 | top-5 |", "|---|---:|---:|"]
-    for name, scores in rows:
-        lines.append(f"| {_md(name)} | {_pct(scores.get('top1'))} | {_pct(scores.get('top5'))} |")
-    return lines + [""]
-
-
-def _finetune_section(init: str, finetune: dict) -> list[str]:
-    lines = [
-        f"## Fine-tune: init `{init}`", "",
-        f"- Test top-1: **{_pct(finetune.get('test_top1'))}**, "
-        f"top-5: {_pct(finetune.get('test_top5'))}",
-    ]  # fmt: skip
-    if finetune.get("epochs") is not None:
-        lines.append(f"- Epochs: {_md(finetune['epochs'])}")
-    lines.append("")
-    history = [h for h in finetune.get("history") or [] if isinstance(h, dict)]
-    if history:
-        lines += ["| epoch | train loss | val top-1 |", "|---:|---:|---:|"]
-        for h in history:
-            loss = h.get("train_loss")
-            loss_text = f"{loss:.4f}" if _is_number(loss) else "–"
-            lines.append(f"| {_md(h.get('epoch'))} | {loss_text} | {_pct(h.get('val_top1'))} |")
-        lines.append("")
-    return lines
 
 
 def _other_figures(run_dir: Path, generated: list[str]) -> list[str]:
@@ -282,16 +368,26 @@ def _other_figures(run_dir: Path, generated: list[str]) -> list[str]:
     return lines
 
 
+def _file_list(listed: list[tuple[Path, bool]]) -> list[str]:
+    if not listed:
+        return []
+    lines = ["## Result files", ""]
+    for relative, shown in listed:
+        path = f"{RESULTS_DIR}/{relative.as_posix()}"
+        lines.append(f"- `{path}`" + ("" if shown else " (not shown above)"))
+    return lines + [""]
+
+
 def _plot_probe_grid(grid: list[dict], best: dict, init: str) -> Any:
     """Heatmap of validation top-1: learning rates across, weight decays down, annotated."""
     plt = _pyplot()
-    lrs = sorted({g.get("lr") for g in grid if _is_number(g.get("lr"))})
-    wds = sorted({g.get("weight_decay") for g in grid if _is_number(g.get("weight_decay"))})
+    lrs = sorted({g.get("lr") for g in grid if is_number(g.get("lr"))})
+    wds = sorted({g.get("weight_decay") for g in grid if is_number(g.get("weight_decay"))})
     if not lrs or not wds:
         return None
     values = [[math.nan] * len(lrs) for _ in wds]
     for g in grid:
-        if g.get("lr") in lrs and g.get("weight_decay") in wds and _is_number(g.get("val_top1")):
+        if g.get("lr") in lrs and g.get("weight_decay") in wds and is_number(g.get("val_top1")):
             values[wds.index(g["weight_decay"])][lrs.index(g["lr"])] = float(g["val_top1"])
 
     fig, ax = plt.subplots(figsize=(1.2 * len(lrs) + 2.5, 0.7 * len(wds) + 2.0))
@@ -318,7 +414,7 @@ def _plot_probe_grid(grid: list[dict], best: dict, init: str) -> Any:
 
 def _plot_per_class(classes: list, accuracy: list, init: str) -> Any:
     plt = _pyplot()
-    heights = [float(a) if _is_number(a) else 0.0 for a in accuracy]
+    heights = [float(a) if is_number(a) else 0.0 for a in accuracy]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(classes) + 1.5), 3.5))
     bars = ax.bar(range(len(classes)), heights, color="tab:blue")
     ax.bar_label(bars, labels=[f"{h:.0f}" for h in heights], fontsize=7)
@@ -356,22 +452,10 @@ def _same_point(point: dict, best: dict) -> bool:
     return bool(best) and all(point.get(k) == best.get(k) for k in ("lr", "weight_decay"))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _pct(value: Any) -> str:
-    return f"{value:.2f}" if _is_number(value) else "–"
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(float(seconds), 60)
     hours, minutes = divmod(int(minutes), 60)
     return f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else f"{minutes}m {secs:04.1f}s"
-
-
-def _md(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _safe(name: str) -> str:

@@ -1,8 +1,6 @@
-"""The stages of experiments: ``execute(name, cfg, out)`` runs the pipeline its registry entry
-names and records the run (``core``); each pipeline lives in its own module."""
+"""Running experiments: ``execute(name, cfg, out)`` runs the recipe its registry entry names
+(``recipes/``, compositions of ``stages``) and records the run (``core``)."""
 
-from visionbench.runner.alpha_bn import check_alpha_bn_data, run_alpha_bn
-from visionbench.runner.classification import run_classification
 from visionbench.runner.core import (
     ENCODER_FILE,
     RUN_DIR_ENV,
@@ -18,23 +16,12 @@ from visionbench.runner.core import (
     resume_checkpoint,
     trainer_kwargs,
 )
-from visionbench.runner.ln_removal import run_ln_removal
-from visionbench.runner.norm_ablation import run_norm_ablation
-from visionbench.runner.unip_infrared import check_unip_data, run_unip_infrared
-
-PIPELINES = {
-    "classification": run_classification,
-    "norm_ablation": run_norm_ablation,
-    "unip_infrared": run_unip_infrared,
-    "alpha_bn": run_alpha_bn,
-    "ln_removal": run_ln_removal,
-}
-PREFLIGHTS = {"unip_infrared": check_unip_data, "alpha_bn": check_alpha_bn_data}
+from visionbench.runner.recipes import PREFLIGHTS, RECIPES
 
 __all__ = [
     "ENCODER_FILE",
-    "PIPELINES",
     "PREFLIGHTS",
+    "RECIPES",
     "RUN_DIR_ENV",
     "Run",
     "backbone_label",
@@ -46,6 +33,5 @@ __all__ = [
     "finish",
     "open_run",
     "resume_checkpoint",
-    "run_classification",
     "trainer_kwargs",
 ]

@@ -40,6 +40,7 @@ from visionbench.results.records import (
     read_json,
 )
 from visionbench.results.report import write_report
+from visionbench.schema import Schedule
 
 RUN_DIR_ENV = "VISIONBENCH_RUN_DIR"  # lets DDP worker processes find their parent's run folder
 ENCODER_FILE = "encoder.safetensors"
@@ -81,6 +82,8 @@ class Run:
         return stage in self.status().get("stages", [])
 
     def mark(self, stage: str | None = None, **fields) -> None:
+        if not is_global_zero():  # rank 0 writes the records
+            return
         status = self.status()
         if stage and stage not in status["stages"]:
             status["stages"].append(stage)
@@ -92,6 +95,8 @@ class Run:
 def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
     t = cfg.trainer
     kw = {"accelerator": t.accelerator, "precision": t.precision or default_precision()}
+    if t.fast_dev_run:  # Lightning's: two batches of each loop, one epoch, no checkpoints
+        kw["fast_dev_run"] = 2
     if distributed:
         kw.update(devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
     else:  # evaluation stages run in this one process on one device
@@ -128,15 +133,26 @@ def accumulation(effective: int | None, batch: int, world: int, key: str) -> int
     return effective // per_step
 
 
+def schedules(section, key: str = "pretrain"):
+    """``(dotted key, Schedule)`` of a method config and of the schedules nested in it
+    (UNIP's MAE students)."""
+    if section is None:
+        return
+    yield key, section
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, Schedule):
+            yield from schedules(value, f"{key}.{name}")
+
+
 def check_effective_batches(cfg: ExperimentConfig, world: int) -> None:
     """Every effective batch the config asks for divides into accumulation steps."""
-    p, d = cfg.pretrain, cfg.data
-    accumulation(p.effective_batch_size, d.batch_size, world, "pretrain.effective_batch_size")
+    for key, schedule in schedules(cfg.pretrain):
+        accumulation(schedule.effective_batch_size, cfg.data.batch_size, world,
+                     f"{key}.effective_batch_size")
     ft = cfg.eval.finetune
-    accumulation(ft.effective_batch_size, ft.batch_size, 1, "eval.finetune.effective_batch_size")
-    if cfg.unip is not None:
-        accumulation(cfg.unip.distill.effective_batch_size, d.batch_size, 1,
-                     "unip.distill.effective_batch_size")
+    accumulation(ft.effective_batch_size, ft.batch_size, world,
+                 "eval.finetune.effective_batch_size")
 
 
 def utc_now() -> str:
@@ -144,7 +160,16 @@ def utc_now() -> str:
 
 
 def is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """Rank 0 of a distributed run (or the only process); under torchrun / SLURM / Lightning's
+    launcher before the process group exists, read from the environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return True
 
 
 # -- run folders ------------------------------------------------------------------------------
@@ -262,6 +287,7 @@ def fit_stage(
     label: str = "pretraining",
     effective_batch_size: int | None = None,
     effective_key: str = "pretrain.effective_batch_size",
+    sync_batchnorm: bool = False,
 ) -> L.Trainer:
     """``trainer.fit`` with step checkpoints in ``out_dir/checkpoints`` (resumed from the newest
     whole one), CSV logs in ``out_dir/logs``; DDP workers leave after fitting.
@@ -269,7 +295,8 @@ def fit_stage(
     ``effective_batch_size`` becomes gradient accumulation over the datamodule's batch and the
     world size (the lr follows the effective batch, as ``main_pretrain.py`` computes it). A
     training set smaller than one batch trains on all of it in one batch (said in the log);
-    a fit that still ran no optimizer step is an error, never a finished stage.
+    a fit that still ran no optimizer step is an error, never a finished stage. Every rank
+    fits (DDP); the process group stays up for the recipe's later stages.
     """
     train_size = len(dm.train_dataloader().dataset)
     wanted = getattr(module, "batch_size", dm.batch_size)  # the batch the lr is scaled by
@@ -301,6 +328,7 @@ def fit_stage(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every_n_epochs,
         accumulate_grad_batches=accumulate,
+        sync_batchnorm=sync_batchnorm and distributed,
         **kwargs,
     )
     resume = resume_checkpoint(ckpt_dir)
@@ -308,10 +336,6 @@ def fit_stage(
         run.log(f"resuming {label} from {resume}")
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     ensure_trained(trainer, label)
-    if not trainer.is_global_zero:
-        raise SystemExit(0)  # DDP workers stop here; rank 0 evaluates on one device
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # nothing after this syncs across ranks
     return trainer
 
 
@@ -320,6 +344,8 @@ def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_global_zero():
+        return
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
@@ -352,12 +378,14 @@ def finish(run: Run, results: list[dict], wall_s: float, leaderboard: Path | Non
         "config_hash": config_hash(to_dict(cfg)),
         "profile": cfg.profile,
         "status": "finished",
+        "dry_run": bool(cfg.trainer.fast_dev_run),
         "results": results,
     }
     write_report(run.dir, metrics)  # with the final status and numbers, before the last record
     atomic_write_json(run.dir / "metrics.json", metrics)
-    run.mark("metrics", status="finished", finished=metrics["timestamp"])
-    if leaderboard is not None:
+    run.mark("metrics", status="finished", finished=metrics["timestamp"],
+             dry_run=metrics["dry_run"])
+    if leaderboard is not None and not metrics["dry_run"]:  # a dry run's numbers mean nothing
         append_run(run.dir, leaderboard)
     return metrics
 
@@ -372,27 +400,29 @@ def execute(
 ) -> Path:
     """Run every stage of experiment ``name``; returns the run folder.
 
-    The registry entry's ``pipeline`` names the stages (``visionbench.runner.PIPELINES``):
-    a pipeline takes the run and returns ``(results, epochs)`` for ``metrics.json``; its
-    optional preflight (``PREFLIGHTS``) checks the data before anything is written.
+    The registry entry's ``recipe`` names its composition of stages
+    (``visionbench.runner.recipes.RECIPES``): a recipe takes the run and returns
+    ``(results, epochs)`` for ``metrics.json``; its optional preflight checks the data before
+    anything is written. Every rank of a distributed run runs the recipe; rank 0 records.
     """
     import time
 
-    from visionbench.runner import PIPELINES, PREFLIGHTS
+    from visionbench.runner.recipes import PREFLIGHTS, RECIPES
 
     entry = get_experiment(name)
     if cfg is not None:
         check_effective_batches(cfg, check_trainer_settings(cfg))
-        if entry.pipeline in PREFLIGHTS:  # bad data is reported before a run folder exists
-            PREFLIGHTS[entry.pipeline](cfg)
+        if entry.recipe in PREFLIGHTS:  # bad data is reported before a run folder exists
+            PREFLIGHTS[entry.recipe](cfg)
     run = open_run(resume, name, log) if resume else create_run(entry, cfg, out, log)
     log(f"run folder: {run.dir}")
     started = time.time()
     wall_before = float(run.status().get("wall_s", 0.0))
     run.wall = lambda: wall_before + time.time() - started
     try:
-        results, epochs = PIPELINES[entry.pipeline](run)
-        finish(run, results, run.wall(), leaderboard, epochs)
+        results, epochs = RECIPES[entry.recipe](run)
+        if is_global_zero():
+            finish(run, results, run.wall(), leaderboard, epochs)
     except SystemExit:
         raise
     except BaseException as err:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from visionbench.data.imagefolder import (
+from visionbench.data.images.imagefolder import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     image_files,

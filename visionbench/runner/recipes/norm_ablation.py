@@ -20,23 +20,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from pydantic import ValidationError
 
 from visionbench.analysis.layers import BlockStatsCallback, DivergenceMonitor
 from visionbench.backbones import create_backbone
 from visionbench.backbones.resnet import EVONORMS, preact_name
-from visionbench.config import MAEConfig, describe_error
 from visionbench.errors import ConfigError
-from visionbench.evals.features import cached_features
 from visionbench.evals.supervised import run_supervised
-from visionbench.methods.mae import MAE
 from visionbench.norms.conversions import convert_to_crmsnorm
 from visionbench.norms.schedules import NormSchedules
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
-from visionbench.runner.classification import datamodule, probe_sweep
-from visionbench.runner.core import ENCODER_FILE, Run, build_encoder, fit_stage, save_encoder
+from visionbench.runner import stages
+from visionbench.runner.core import Run, build_encoder, is_global_zero
 
 RESULT_FILE = "result.json"
 
@@ -45,59 +41,42 @@ def slug(label: str) -> str:
     return label.replace("/", "-")
 
 
-def entry_pretrain_config(run: Run, overrides: dict) -> MAEConfig:
-    try:
-        return MAEConfig.model_validate({**run.cfg.pretrain.model_dump(), **overrides})
-    except ValidationError as err:
-        raise ConfigError(f"ablation.entries[].pretrain: {describe_error(err)}") from None
-
-
-def vit_entry(run: Run, entry, dm) -> dict:
+def vit_entry(run: Run, entry, dm, eval_dm) -> dict:
     """MAE pretraining + linear probe of one (norm, placement); its result record."""
     out = run.dir / "entries" / slug(entry.label)
     if (out / RESULT_FILE).is_file():
         run.log(f"[{entry.label}] done before: skipped")
         return read_json(out / RESULT_FILE)
-    run.log(f"[{entry.label}] MAE pretraining")
     model_cfg = run.cfg.model.model_copy(update={"norm": entry.norm, "placement": entry.placement})
-    pretrain = entry_pretrain_config(run, entry.pretrain)
-    cfg = run.cfg.model_copy(update={"model": model_cfg, "pretrain": pretrain})
-    encoder = build_encoder(run, model=model_cfg)
-    module = MAE.from_config(encoder, cfg)
+    section = run.cfg.entry_pretrain(entry)
     stats = BlockStatsCallback(run.cfg.ablation.stats_steps)
     monitor = DivergenceMonitor()
     started = time.time()
-    fit_stage(run, module, dm, out, epochs=pretrain.epochs,
-              checkpoint_every_n_steps=pretrain.checkpoint_every_n_steps,
-              val_every_n_epochs=pretrain.val_every_n_epochs,
-              callbacks=(stats, monitor), distributed=False,
-              effective_batch_size=pretrain.effective_batch_size,
-              label=f"[{entry.label}] pretraining")
-    record = {"norm": entry.norm, "placement": entry.placement, "stats": stats.records,
-              "pretrain_s": round(time.time() - started, 1)}
-    if monitor.diverged_at is not None:
-        run.log(f"[{entry.label}] diverged at step {monitor.diverged_at} "
-                f"(loss {monitor.loss}); going on with the next entry")
-        record.update(status="diverged", diverged_at_step=monitor.diverged_at,
-                      loss=str(monitor.loss))
-    else:
-        save_encoder(module.encoder, out / ENCODER_FILE)
-        probe = probe_entry(run, module.encoder, dm, out)
-        record.update(status="finished", linear_probe=probe)
-    atomic_write_json(out / RESULT_FILE, record)
+
+    def record_fit(module) -> None:
+        record = {"norm": entry.norm, "placement": entry.placement, "stats": stats.records,
+                  "pretrain_s": round(time.time() - started, 1)}
+        if monitor.diverged_at is not None:
+            run.log(f"[{entry.label}] diverged at step {monitor.diverged_at} "
+                    f"(loss {monitor.loss}); going on with the next entry")
+            record.update(status="diverged", diverged_at_step=monitor.diverged_at,
+                          loss=str(monitor.loss))
+        atomic_write_json(out / "pretrain.json", record)
+
+    encoder_file = stages.pretrain(run, section, dm, out, model=model_cfg,
+                                   label=f"[{entry.label}] pretraining",
+                                   callbacks=(stats, monitor), after=record_fit)
+    record = read_json(out / "pretrain.json")
+    if record.get("status") != "diverged":
+        stages.linear_probe(run, entry.label,
+                            lambda: stages.load_encoder(run, encoder_file, model=model_cfg),
+                            eval_dm, out, features_dir=out / "features")
+        probe = read_json(out / "linear_probe.json")
+        record.update(status="finished",
+                      linear_probe={k: probe[k] for k in ("test_top1", "test_top5", "best")})
+    if is_global_zero():
+        atomic_write_json(out / RESULT_FILE, record)
     return record
-
-
-def probe_entry(run: Run, encoder: torch.nn.Module, dm, out: Path) -> dict:
-    e = run.cfg.eval
-    encoder = encoder.cpu().eval()
-    feats = {
-        split: cached_features(out / "features" / f"{split}.pt", encoder,
-                               dm.eval_dataloader(split), e.pooling, e.last_k, "cpu")
-        for split in ("train", "val", "test")
-    }
-    probe = probe_sweep(run, feats, dm, out)
-    return {k: probe[k] for k in ("test_top1", "test_top5", "best")}
 
 
 def random_baseline(run: Run, dm) -> dict:
@@ -105,11 +84,14 @@ def random_baseline(run: Run, dm) -> dict:
     out = run.dir / "entries" / "random-init"
     if (out / RESULT_FILE).is_file():
         return read_json(out / RESULT_FILE)
-    run.log("[random init] linear probe")
-    probe = probe_entry(run, build_encoder(run), dm, out)
+    stages.linear_probe(run, "random-init", lambda: build_encoder(run), dm, out,
+                        features_dir=out / "features")
+    probe = read_json(out / "linear_probe.json")
     record = {"norm": run.cfg.model.norm, "placement": run.cfg.model.placement,
-              "status": "finished", "linear_probe": probe}
-    atomic_write_json(out / RESULT_FILE, record)
+              "status": "finished",
+              "linear_probe": {k: probe[k] for k in ("test_top1", "test_top5", "best")}}
+    if is_global_zero():
+        atomic_write_json(out / RESULT_FILE, record)
     return record
 
 
@@ -124,12 +106,16 @@ def conv_entry(run: Run, norm: str, preact: bool = False) -> dict:
     c = run.cfg.ablation.conv
     arch = conv_architecture(c.backbone, norm, preact)
     out = run.dir / "entries" / f"{arch}-{norm}"
-    if (out / RESULT_FILE).is_file():
-        run.log(f"[{arch}/{norm}] done before: skipped")
-        return read_json(out / RESULT_FILE)
+    stages.stage(run, f"entry:{arch}/{norm}", out / RESULT_FILE,
+                 lambda: train_conv_entry(run, norm, arch, out))
+    return read_json(out / RESULT_FILE)
+
+
+def train_conv_entry(run: Run, norm: str, arch: str, out: Path) -> None:
+    c = run.cfg.ablation.conv
     run.log(f"[{arch}/{norm}] supervised training, {c.epochs} epochs")
-    dm = datamodule(run, train_kind="supervised", batch_size=c.batch_size,
-                    crop_scale=c.crop_scale)
+    dm = stages.image_datamodule(run, train_kind="supervised", batch_size=c.batch_size,
+                                 crop_scale=c.crop_scale)
     L.seed_everything(run.cfg.seed, workers=True, verbose=False)
     kwargs = {"in_chans": run.cfg.data.in_chans, **c.backbone_kwargs}
     backbone = create_backbone(c.backbone, norm=norm, preact=arch != c.backbone,
@@ -149,7 +135,8 @@ def conv_entry(run: Run, norm: str, preact: bool = False) -> dict:
     else:
         record.update(status="finished", supervised=result)
     atomic_write_json(out / RESULT_FILE, record)
-    return record
+
+
 
 
 def result_rows(record: dict, **fields) -> list[dict]:
@@ -260,18 +247,18 @@ def run_norm_ablation(run: Run) -> tuple[list[dict], int]:
     a = run.cfg.ablation
     if a is None:
         raise ConfigError(f"{run.entry.config}: the norm ablation needs an 'ablation' section")
-    dm = datamodule(run)
+    dm = stages.method_datamodule(run, run.cfg.pretrain)
+    eval_dm = stages.image_datamodule(run)
     records: dict[str, dict] = {}
     results: list[dict] = []
     backbone = run.cfg.model.backbone
     for entry in a.entries:
-        record = vit_entry(run, entry, dm)
+        record = vit_entry(run, entry, dm, eval_dm)
         records[entry.label] = record
         results += result_rows(record, placement=entry.placement, backbone=backbone,
                                init=run.entry.method)
-        run.mark(f"entry:{entry.label}", wall_s=run.wall())
     if a.entries and "random" in run.cfg.eval.inits:
-        record = random_baseline(run, dm)
+        record = random_baseline(run, eval_dm)
         records["random init"] = record
         results += result_rows(record, placement=run.cfg.model.placement, backbone=backbone,
                                init="random")
@@ -284,9 +271,10 @@ def run_norm_ablation(run: Run) -> tuple[list[dict], int]:
             records[label] = record
             results += result_rows(record, backbone=record["backbone"], init="random",
                                    placement="")
-            run.mark(f"entry:{label}", wall_s=run.wall())
     if a.entries and a.throughput.norms:
-        throughput_stage(run)
-    stats_figures(run, {k: r for k, r in records.items() if r.get("stats")})
-    summary_table(run, records)
-    return results, run.cfg.pretrain.epochs
+        stages.stage(run, "throughput", run.dir / "tables" / "throughput.json",
+                     lambda: throughput_stage(run))
+    if is_global_zero():
+        stats_figures(run, {k: r for k, r in records.items() if r.get("stats")})
+        summary_table(run, records)
+    return results, run.cfg.pretrain.epochs if run.cfg.pretrain else None

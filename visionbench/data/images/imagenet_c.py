@@ -4,7 +4,7 @@ The layout the corrupted sets of hendrycks/robustness are released in (ImageNet-
 ImageNet-C; ``ImageNet-C/create_c/make_imagenet_c.py`` writes
 ``<corruption>/<severity>/<wnid>/<file>``): each ``<corruption>/<severity>`` folder is an
 ImageFolder whose classes are the clean set's. ``CorruptedSet`` reads it; ``write_corrupted``
-writes a clean labelled data set corrupted by ``visionbench.data.corruptions`` into it (PNG),
+writes a clean labelled data set corrupted by ``visionbench.data.images.corruptions`` into it (PNG),
 which is how the embedded default is made and then read back by the same reader.
 """
 
@@ -18,10 +18,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from visionbench.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt, image_rng
+from visionbench.data.cache import write_once
 from visionbench.data.datamodule import EVAL_CROP
-from visionbench.data.imagefolder import ImageFolderDataset, class_folders
-from visionbench.data.synth.cache import write_once
+from visionbench.data.images.corruptions import CORRUPTIONS, SEVERITIES, corrupt, image_rng
+from visionbench.data.images.imagefolder import ImageFolderDataset, class_folders
 from visionbench.errors import DataError
 
 LAYOUT = "expected root/<corruption>/<severity 1-5>/<class>/<image> (the ImageNet-C layout)"

@@ -35,15 +35,8 @@ from visionbench.norms.conversions import (
 )
 from visionbench.norms.schedules import LayerNormRemoval
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
-from visionbench.runner.classification import (
-    datamodule,
-    evaluation_backbone,
-    finetune_datamodule,
-    finetune_stage,
-    init_name,
-    pretrain_stage,
-)
-from visionbench.runner.core import Run
+from visionbench.runner import stages
+from visionbench.runner.core import ENCODER_FILE, Run, is_global_zero
 
 STAGES = {"vanilla": "finetune", "removed_without_finetune": "ln_removed_no_finetune",
           "ln_free": "ln_free_finetune"}  # folder -> leaderboard protocol
@@ -80,15 +73,17 @@ def finetune(run: Run, ft_dm, remove: bool) -> dict:
     callbacks = (LayerNormRemoval(r.gap_norm2, r.gap_norm1_qk, r.gap_norm1, r.momentum,
                                   log=run.log),) if remove else ()
     name = "ln_free" if remove else "vanilla"
-    return finetune_stage(run, ft_dm, "pretrained", run.dir / "evals" / name / "logs",
-                          callbacks=callbacks, keep_model=True)
+    return stages.run_finetune_protocol(run, ft_dm, "pretrained",
+                                        run.dir / "evals" / name / "logs",
+                                        callbacks=callbacks, keep_model=True)
 
 
 def calibration_images(run: Run, dm) -> list[torch.Tensor]:
     """Training images (eval transform) whose per-token std each norm freezes at."""
     count = run.cfg.ln_removal.calibration_images
     batches, seen = [], 0
-    for images, _ in dm.eval_dataloader("train"):
+    for batch in dm.eval_dataloader("train"):
+        images = batch["image"]
         batches.append(images[: count - seen])
         seen += batches[-1].shape[0]
         if seen >= count:
@@ -104,7 +99,7 @@ def test_result(run: Run, model: FineTuneClassifier, ft_dm) -> dict:
 def run_stages(run: Run, ft_dm, dm) -> dict[str, dict]:
     records: dict[str, dict] = {}
     out = run.dir / "evals"
-    probe_images = next(iter(ft_dm.test_dataloader()))[0][:16]
+    probe_images = next(iter(ft_dm.test_dataloader()))["image"][:16]
     vanilla_model = None
     if (out / "vanilla" / RESULT_FILE).is_file():
         records["vanilla"] = read_json(out / "vanilla" / RESULT_FILE)
@@ -155,7 +150,7 @@ def run_stages(run: Run, ft_dm, dm) -> dict[str, dict]:
 def finetune_classifier(run: Run, ft_dm) -> FineTuneClassifier:
     """A classifier of the fine-tune's shape, to load the vanilla stage's weights into."""
     ft = run.cfg.eval.finetune
-    backbone = evaluation_backbone(run, "random", ft.drop_path_rate, finetune=True)
+    backbone = stages.evaluation_backbone(run, "random", ft.drop_path_rate, finetune=True)
     return FineTuneClassifier(backbone, ft_dm.num_classes, base_lr=ft.base_lr,
                               global_pool=ft.global_pool)
 
@@ -180,15 +175,19 @@ def summary_table(run: Run, records: dict[str, dict]) -> None:
 
 
 def run_ln_removal(run: Run) -> tuple[list[dict], int | None]:
-    dm = datamodule(run)
     if not run.cfg.model.weights:
-        pretrain_stage(run, dm)
-        run.mark(wall_s=run.wall())
-    ft_dm = finetune_datamodule(run)
+        stages.pretrain(run, run.cfg.pretrain, stages.method_datamodule(run, run.cfg.pretrain),
+                        run.dir, encoder_file=run.dir / "checkpoints" / ENCODER_FILE)
+    dm = stages.image_datamodule(run)
+    ft_dm = stages.finetune_datamodule(run)
+    if not is_global_zero():  # the fine-tunes run on rank 0 (not yet distributed)
+        stages.barrier()
+        return [], None
     (run.dir / "evals" / "vanilla").mkdir(parents=True, exist_ok=True)
     records = run_stages(run, ft_dm, dm)
     summary_table(run, records)
-    init = init_name(run, "pretrained")
+    stages.barrier()
+    init = stages.init_name(run, "pretrained")
     rows = []
     for key, protocol in STAGES.items():
         rows += [{"init": init, "protocol": protocol, "metric": metric,

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from visionbench.data.synth.cache import default_cache_dir, write_once
+from visionbench.data.cache import default_cache_dir, write_once
 
 GENERATOR_VERSION = 2
 SUPERSAMPLE = 4

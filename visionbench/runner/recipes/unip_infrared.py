@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from visionbench.analysis.attention import classify_layers, layer_nmi, save_nmi_figure
 from visionbench.backbones import load_backbone_weights
 from visionbench.config import ModelConfig
-from visionbench.data.imagefolder import ImageFolderDataset, class_folders
-from visionbench.data.infrared import (
+from visionbench.data.images.imagefolder import ImageFolderDataset, class_folders
+from visionbench.data.images.shapes import prepare_shapes
+from visionbench.data.infrared.readers import (
     INFRARED_MEAN,
     INFRARED_STD,
     SEGMENTATION_MEAN,
@@ -40,24 +41,22 @@ from visionbench.data.infrared import (
     detect_segmentation_format,
     read_segmentation_dataset,
 )
-from visionbench.data.synth.shapes import prepare_shapes
-from visionbench.data.synth.thermal import prepare_thermal
+from visionbench.data.infrared.synthetic import prepare_thermal
 from visionbench.data.unlabelled import UnlabelledDataModule
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals.segmentation import predict_masks, run_segmentation
-from visionbench.methods.mae import MAE
-from visionbench.methods.unip import UNIP, choose_teacher_layer
+from visionbench.methods.unip import choose_teacher_layer
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_mask_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
+from visionbench.runner import stages
 from visionbench.runner.core import (
     ENCODER_FILE,
     Run,
     backbone_label,
     build_encoder,
     fit_batch_size,
-    fit_stage,
-    save_encoder,
+    is_global_zero,
 )
 
 PROTOCOLS = {"finetune": "finetune", "linear": "linear_probe"}  # file name -> leaderboard name
@@ -68,10 +67,10 @@ DATASET_FOLDERS = {"soda": "SODA", "mfnet": "MFNet", "scut-seg": "SCUT-Seg"}
 
 
 def thermal_demo_root(run: Run) -> Path:
-    s = run.cfg.unip.synth
+    s = run.cfg.pretrain.synth
     run.log("preparing the embedded thermal data set (written once to the cache)")
     return prepare_thermal(seed=run.cfg.seed, n_train=s.n_train, n_test=s.n_test,
-                           n_pretrain=s.n_pretrain, size=run.cfg.unip.segmentation.crop_size)
+                           n_pretrain=s.n_pretrain, size=run.cfg.eval.segmentation.crop_size)
 
 
 def find_folder(root: Path, name: str) -> Path:
@@ -85,10 +84,10 @@ def find_folder(root: Path, name: str) -> Path:
 def check_unip_data(cfg) -> None:
     """With ``--data-root``: every segmentation set and pretraining folder is there, in a
     known layout (``DataError`` naming the folder otherwise)."""
-    if cfg.data.root is None or cfg.unip is None:
+    if cfg.data.root is None or cfg.pretrain is None:
         return
     root = Path(cfg.data.root)
-    for dataset in cfg.unip.segmentation.datasets:
+    for dataset in cfg.eval.segmentation.datasets:
         if dataset == "thermal":
             continue
         folder = find_folder(root, DATASET_FOLDERS[dataset])
@@ -96,7 +95,7 @@ def check_unip_data(cfg) -> None:
         if found != dataset:
             raise DataError(f"{folder}: has the {found} layout, expected {dataset}'s "
                             f"(datasets/{dataset}.md)")
-    for name in cfg.unip.pretrain_data:
+    for name in cfg.pretrain.pretrain_data:
         find_folder(root, name)
 
 
@@ -112,7 +111,7 @@ def segmentation_root(run: Run, dataset: str) -> Path:
 def pretraining_images(run: Run) -> InfMixDataset:
     """The demo InfMix (thermal pretraining split + grey shapes), or the folders under
     ``--data-root`` named by ``unip.pretrain_data``."""
-    u = run.cfg.unip
+    u = run.cfg.pretrain
     if run.cfg.data.root is None:
         thermal = thermal_demo_root(run)
         sources: list = [thermal / "pretrain" / "thermal"]
@@ -153,31 +152,22 @@ def pretrain_datamodule(run: Run, images) -> UnlabelledDataModule:
 
 
 def teacher_model_config(run: Run) -> ModelConfig:
-    t = run.cfg.unip.teacher
+    t = run.cfg.pretrain.teacher
     return ModelConfig(backbone=t.backbone, backbone_kwargs=t.backbone_kwargs, norm="layernorm",
                        placement="pre")
 
 
 def mae_pretrain(run: Run, model_cfg: ModelConfig, epochs: int, dm, out: Path, label: str):
-    """MAE pretraining of the encoder ``model_cfg`` describes; returns the encoder."""
-    encoder = build_encoder(run, model=model_cfg)
-    if not (out / ENCODER_FILE).is_file():
-        run.log(f"[{label}] MAE pretraining, {epochs} epochs")
-        pretrain = run.cfg.pretrain.model_copy(update={"epochs": epochs})
-        cfg = run.cfg.model_copy(update={"model": model_cfg, "pretrain": pretrain})
-        module = MAE.from_config(encoder, cfg)
-        fit_stage(run, module, dm, out, epochs=epochs,
-                  checkpoint_every_n_steps=pretrain.checkpoint_every_n_steps,
-                  val_every_n_epochs=pretrain.val_every_n_epochs, distributed=False,
-                  label=f"[{label}] pretraining",
-                  effective_batch_size=pretrain.effective_batch_size)
-        save_encoder(module.encoder, out / ENCODER_FILE)
-    load_backbone_weights(encoder, out / ENCODER_FILE, strict=True)
-    return encoder
+    """MAE pretraining (``pretrain.mae``) of the encoder ``model_cfg`` describes; returns the
+    encoder."""
+    section = run.cfg.pretrain.mae.model_copy(update={"epochs": epochs})
+    path = stages.pretrain(run, section, dm, out, model=model_cfg, label=f"[{label}] pretraining",
+                           key="pretrain.mae")
+    return stages.load_encoder(run, path, model=model_cfg)
 
 
 def teacher_stage(run: Run, dm):
-    t = run.cfg.unip.teacher
+    t = run.cfg.pretrain.teacher
     if t.source == "weights":
         teacher = build_encoder(run, model=teacher_model_config(run))
         run.log(load_backbone_weights(teacher, t.weights).summary())
@@ -188,39 +178,29 @@ def teacher_stage(run: Run, dm):
 
 def distilled_layer(run: Run, teacher, images: torch.Tensor) -> int:
     out = run.dir / "nmi" / "teacher_layer.json"
-    if out.is_file():
-        return int(read_json(out)["layer"])
-    n = run.cfg.unip.nmi
-    if run.cfg.unip.teacher.layer is not None:
-        layer = run.cfg.unip.teacher.layer
-        if layer >= len(teacher.blocks):
-            raise ConfigError(f"unip.teacher.layer: {layer} but the teacher has "
-                              f"{len(teacher.blocks)} blocks (0-based)")
-        reason = "unip.teacher.layer"
-    else:
-        layer, _, reason = choose_teacher_layer(teacher, images, n.local_threshold,
-                                                n.global_threshold)
-    run.log(f"distilling teacher block {layer} (0-based; {reason})")
-    atomic_write_json(out, {"layer": int(layer), "chosen_by": reason})
-    return int(layer)
+
+    def choose() -> None:
+        n, t = run.cfg.pretrain.nmi, run.cfg.pretrain.teacher
+        if t.layer is not None:
+            layer = t.layer
+            if layer >= len(teacher.blocks):
+                raise ConfigError(f"pretrain.teacher.layer: {layer} but the teacher has "
+                                  f"{len(teacher.blocks)} blocks (0-based)")
+            reason = "pretrain.teacher.layer"
+        else:
+            layer, _, reason = choose_teacher_layer(teacher, images, n.local_threshold,
+                                                    n.global_threshold)
+        run.log(f"distilling teacher block {layer} (0-based; {reason})")
+        atomic_write_json(out, {"layer": int(layer), "chosen_by": reason})
+
+    stages.stage(run, "teacher_layer", out, choose)
+    return int(read_json(out)["layer"])
 
 
 def unip_stage(run: Run, teacher, layer: int, dm):
-    out = run.dir / "students" / "unip"
-    student = build_encoder(run)
-    if not (out / ENCODER_FILE).is_file():
-        d = run.cfg.unip.distill
-        run.log(f"[unip] NMI-HAD distillation, {d.epochs} epochs")
-        module = UNIP.from_config(teacher, student, run.cfg, teacher_layer=layer)
-        fit_stage(run, module, dm, out, epochs=d.epochs,
-                  checkpoint_every_n_steps=d.checkpoint_every_n_steps,
-                  val_every_n_epochs=max(1, d.epochs), distributed=False,
-                  label="[unip] distillation", effective_batch_size=d.effective_batch_size,
-                  effective_key="unip.distill.effective_batch_size")
-        save_encoder(module.student, out / ENCODER_FILE)
-        student = build_encoder(run)
-    load_backbone_weights(student, out / ENCODER_FILE, strict=True)
-    return student
+    path = stages.pretrain(run, run.cfg.pretrain, dm, run.dir / "students" / "unip",
+                           label="[unip] distillation", teacher=teacher, teacher_layer=layer)
+    return stages.load_encoder(run, path)
 
 
 # -- NMI analysis ---------------------------------------------------------------------------------
@@ -229,7 +209,7 @@ def unip_stage(run: Run, teacher, layer: int, dm):
 def nmi_stage(run: Run, models: dict[str, torch.nn.Module], images: torch.Tensor) -> dict:
     """Per-layer NMI of every model, the figure and the table; ``nmi/nmi.json``."""
     out = run.dir / "nmi" / "nmi.json"
-    n = run.cfg.unip.nmi
+    n = run.cfg.pretrain.nmi
     per_model = read_json(out) if out.is_file() else {}
     for name, model in models.items():
         if name not in per_model:
@@ -271,7 +251,7 @@ def segmentation_backbone(run: Run, student: str, layer_scale: float | None = No
     student has none, so its gammas start there), and a trainable position embedding (with
     weight decay, see ``evals/segmentation.py``).
     """
-    crop = run.cfg.unip.segmentation.crop_size
+    crop = run.cfg.eval.segmentation.crop_size
     kwargs = {**run.cfg.model.backbone_kwargs, "img_size": crop}
     if layer_scale is not None:
         kwargs["init_values"] = layer_scale
@@ -288,7 +268,7 @@ def segmentation_backbone(run: Run, student: str, layer_scale: float | None = No
 def segmentation_loaders(run: Run, root: Path, batch_size: int, label: str):
     """Training crops as the official train pipeline; the test set one image a batch, its
     mask at the label's own resolution (``mmseg`` tests with ``samples_per_gpu=1``)."""
-    s = run.cfg.unip.segmentation
+    s = run.cfg.eval.segmentation
     mean, std = SEGMENTATION_MEAN, SEGMENTATION_STD
     train = read_segmentation_dataset(root, "train", SegmentationTransform(
         s.crop_size, True, mean, std, cat_max_ratio=s.cat_max_ratio, photometric=s.photometric))
@@ -307,7 +287,7 @@ def segmentation_loaders(run: Run, root: Path, batch_size: int, label: str):
 
 def protocol_cfg(run: Run, protocol: str, dataset: str) -> dict:
     """The protocol's settings, with the data set's own schedule when the config has one."""
-    s = run.cfg.unip.segmentation
+    s = run.cfg.eval.segmentation
     p = getattr(s, protocol)
     cfg = p.model_dump(exclude={"batch_size", "layer_scale"})
     cfg.update(crop=s.crop_size, seed=run.cfg.seed)
@@ -324,9 +304,17 @@ def segmentation_stage(run: Run, student: str, dataset: str, root: Path,
                        figure_images: torch.Tensor | None) -> None:
     for protocol in ("finetune", "linear"):
         out = run.dir / "evals" / student / dataset
-        if (out / f"{protocol}.json").is_file():
-            continue
-        p = getattr(run.cfg.unip.segmentation, protocol)
+        stages.stage(run, f"segmentation:{student}:{dataset}:{protocol}",
+                     out / f"{protocol}.json",
+                     lambda protocol=protocol, out=out: segment(run, student, dataset, root,
+                                                               figure_images, protocol, out))
+
+
+def segment(run: Run, student: str, dataset: str, root: Path,
+            figure_images: torch.Tensor | None, protocol: str, out: Path) -> None:
+    """One segmentation protocol of one student on one data set (``out/<protocol>.json``)."""
+    if True:
+        p = getattr(run.cfg.eval.segmentation, protocol)
         label = f"[{student}] {dataset}: {protocol} segmentation"
         (train, test), num_classes, classes = segmentation_loaders(run, root, p.batch_size,
                                                                    label)
@@ -348,7 +336,7 @@ def segmentation_stage(run: Run, student: str, dataset: str, root: Path,
 
 def mask_figure(run: Run, dataset: str, root: Path, images, truth) -> None:
     predictions = {}
-    for student in run.cfg.unip.students:
+    for student in run.cfg.pretrain.students:
         path = run.dir / "evals" / student / dataset / "predicted_masks.pt"
         if path.is_file():
             predictions[student] = torch.load(path, weights_only=True)
@@ -359,10 +347,10 @@ def mask_figure(run: Run, dataset: str, root: Path, images, truth) -> None:
 
 
 def figure_batch(run: Run, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    crop = run.cfg.unip.segmentation.crop_size
+    crop = run.cfg.eval.segmentation.crop_size
     test = read_segmentation_dataset(root, "test", SegmentationTransform(
         crop, False, SEGMENTATION_MEAN, SEGMENTATION_STD))
-    n = min(run.cfg.unip.segmentation.figure_images, len(test))
+    n = min(run.cfg.eval.segmentation.figure_images, len(test))
     picks = torch.linspace(0, len(test) - 1, n).long().tolist()
     items = [test[i] for i in picks]
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
@@ -371,8 +359,8 @@ def figure_batch(run: Run, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def collect_results(run: Run) -> list[dict]:
     rows = []
     label = backbone_label(run)
-    for dataset in run.cfg.unip.segmentation.datasets:
-        for student in run.cfg.unip.students:
+    for dataset in run.cfg.eval.segmentation.datasets:
+        for student in run.cfg.pretrain.students:
             for protocol, name in PROTOCOLS.items():
                 result = read_json(run.dir / "evals" / student / dataset / f"{protocol}.json")
                 rows += [{"backbone": label, "init": student, "dataset": dataset,
@@ -382,9 +370,10 @@ def collect_results(run: Run) -> list[dict]:
 
 
 def run_unip_infrared(run: Run) -> tuple[list[dict], int]:
-    u = run.cfg.unip
-    if u is None:
-        raise ConfigError(f"{run.entry.config}: unip-infrared needs a 'unip' section")
+    u = run.cfg.pretrain
+    if u is None or u.method != "unip" or run.cfg.eval.segmentation is None:
+        raise ConfigError(f"{run.entry.config}: unip-infrared needs a 'pretrain' section of "
+                          "method unip and an 'eval.segmentation' section")
     mix = pretraining_images(run)
     run.log(f"pretraining mix: {len(mix)} images")
     dm = pretrain_datamodule(run, mix)
@@ -392,39 +381,37 @@ def run_unip_infrared(run: Run) -> tuple[list[dict], int]:
     models: dict[str, torch.nn.Module] = {}
     if "unip" in u.students:
         models["teacher"] = teacher_stage(run, dm)
-        run.mark("teacher", wall_s=run.wall())
     if "mae" in u.students:
-        models["mae"] = mae_pretrain(run, run.cfg.model, run.cfg.pretrain.epochs, dm,
+        models["mae"] = mae_pretrain(run, run.cfg.model, u.mae.epochs, dm,
                                      run.dir / "students" / "mae", "mae student")
-        run.mark("mae", wall_s=run.wall())
     if "unip" in u.students:
         layer = distilled_layer(run, models["teacher"], nmi_images)
         models["unip"] = unip_stage(run, models["teacher"], layer, dm)
-        run.mark("unip", wall_s=run.wall())
     if "random" in u.students:
         models["random"] = build_encoder(run)
-    nmi_stage(run, models, nmi_images)
+    stages.stage(run, "nmi", run.dir / "tables" / "nmi.md",
+                 lambda models=models: nmi_stage(run, models, nmi_images))
     del models
-    for index, dataset in enumerate(u.segmentation.datasets):
+    for index, dataset in enumerate(run.cfg.eval.segmentation.datasets):
         root = segmentation_root(run, dataset)
         images, truth = figure_batch(run, root) if index == 0 else (None, None)
         for student in u.students:
             segmentation_stage(run, student, dataset, root, images)
-            run.mark(f"segmentation:{student}:{dataset}", wall_s=run.wall())
-        if images is not None:
+        if images is not None and is_global_zero():
             mask_figure(run, dataset, root, images, truth)
-    segmentation_table(run)
-    return collect_results(run), u.distill.epochs
+    if is_global_zero():
+        segmentation_table(run)
+    return collect_results(run), u.epochs
 
 
 def segmentation_table(run: Run) -> None:
-    u = run.cfg.unip
+    u = run.cfg.pretrain
     lines = ["## Infrared segmentation (mIoU %, fine-tune / linear probe)", "",
-             "| student | " + " | ".join(u.segmentation.datasets) + " | average |",
-             "|---|" + "---:|" * (len(u.segmentation.datasets) + 1)]
+             "| student | " + " | ".join(run.cfg.eval.segmentation.datasets) + " | average |",
+             "|---|" + "---:|" * (len(run.cfg.eval.segmentation.datasets) + 1)]
     for student in u.students:
         cells, ft, lp = [], [], []
-        for dataset in u.segmentation.datasets:
+        for dataset in run.cfg.eval.segmentation.datasets:
             out = run.dir / "evals" / student / dataset
             f = read_json(out / "finetune.json")["miou"]
             li = read_json(out / "linear.json")["miou"]

@@ -12,7 +12,7 @@ Stages, each skipped on ``--resume`` once its output exists:
    split, or a local classifier file (``model.weights``: a torchvision / timm ResNet with its
    ``fc``, or this stage's own ``classifier.safetensors``);
 2. the corrupted test sets in the ImageNet-C layout: under ``--data-root``, or written once
-   from the clean test split by ``visionbench.data.imagenet_c`` (PNG) and read back;
+   from the clean test split by ``visionbench.data.images.imagenet_c`` (PNG) and read back;
 3. ``evals/alpha_bn/<corruption>.json``: top-1 per severity and alpha (the test set shuffled
    once with the seed, then cut into batches of ``alpha_bn.batch_size``, so a batch's
    statistics are not those of one class), and ``clean.json`` on the clean test split;
@@ -32,17 +32,23 @@ from torch.utils.data import DataLoader
 
 from visionbench.backbones.weights import load_classifier_weights
 from visionbench.data.datamodule import EVAL_CROP, TransformedDataset, build_transform
-from visionbench.data.imagefolder import ImageFolderDataset
-from visionbench.data.imagenet_c import CorruptedSet, prepare_corrupted
-from visionbench.data.synth.shapes import prepare_shapes
+from visionbench.data.images.imagefolder import ImageFolderDataset
+from visionbench.data.images.imagenet_c import CorruptedSet, prepare_corrupted
+from visionbench.data.images.shapes import prepare_shapes
 from visionbench.errors import ConfigError
 from visionbench.evals.supervised import SupervisedClassifier, run_supervised
 from visionbench.norms.conversions import alpha_bn_applied
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_alpha_curves
 from visionbench.results.records import atomic_write_json, atomic_write_text, config_hash, read_json
-from visionbench.runner.classification import datamodule
-from visionbench.runner.core import Run, build_encoder, dataset_name, save_encoder
+from visionbench.runner import stages
+from visionbench.runner.core import (
+    Run,
+    build_encoder,
+    dataset_name,
+    is_global_zero,
+    save_encoder,
+)
 
 SOURCE = 1.0  # alpha of the source model: its own (running) statistics only
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -75,8 +81,8 @@ def source_model(run: Run, num_classes: int) -> SupervisedClassifier:
     path = run.cfg.model.weights or (out / CLASSIFIER_FILE)
     if not Path(path).is_file():
         run.log(f"[source] supervised training with BatchNorm, {a.train.epochs} epochs")
-        dm = datamodule(run, train_kind="supervised", batch_size=a.train.batch_size,
-                        crop_scale=a.train.crop_scale)
+        dm = stages.image_datamodule(run, train_kind="supervised", batch_size=a.train.batch_size,
+                                     crop_scale=a.train.crop_scale)
         result = run_supervised(model.backbone, dm.train_dataloader(), dm.val_dataloader(),
                                 dm.test_dataloader(), dm.num_classes, a.train.protocol(),
                                 run.trainer_kwargs(distributed=False), out,
@@ -123,8 +129,9 @@ def test_transform(run: Run, corrupted: bool):
 def load_all(run: Run, dataset, corrupted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     loader = DataLoader(TransformedDataset(dataset, test_transform(run, corrupted)),
                         batch_size=256, num_workers=run.cfg.data.num_workers)
-    images, labels = zip(*loader, strict=True)
-    return torch.cat(images), torch.cat(labels)
+    batches = list(loader)
+    return (torch.cat([b["image"] for b in batches]),
+            torch.cat([torch.as_tensor(b["label"]) for b in batches]))
 
 
 def top1_per_alpha(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -256,6 +263,9 @@ def run_alpha_bn(run: Run) -> tuple[list[dict], int | None]:
     a = run.cfg.alpha_bn
     if a is None:
         raise ConfigError(f"{run.entry.config}: alpha-bn needs an 'alpha_bn' section")
+    if not is_global_zero():  # the source training and evaluation run on rank 0
+        stages.barrier()
+        return [], None
     corrupted, clean = test_sets(run)
     model = source_model(run, len(corrupted.classes))
     run.mark("source", wall_s=run.wall())
@@ -270,4 +280,5 @@ def run_alpha_bn(run: Run) -> tuple[list[dict], int | None]:
     save_alpha_curves(run.dir / "figures" / "alpha_bn_accuracy.png", alphas, curves)
     summary_table(run, scores, clean_scores)
     epochs = None if run.cfg.model.weights else a.train.epochs
+    stages.barrier()
     return result_rows(run, scores, clean_scores), epochs

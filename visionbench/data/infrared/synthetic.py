@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from visionbench.data.infrared import SODA_CLASSES
-from visionbench.data.synth.cache import default_cache_dir, write_once
+from visionbench.data.cache import default_cache_dir, write_once
+from visionbench.data.infrared.readers import SODA_CLASSES
 from visionbench.errors import DataError
 
 GENERATOR_VERSION = 1

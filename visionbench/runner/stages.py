@@ -1,0 +1,333 @@
+"""Reusable stages: each declares its output, is skipped on ``--resume`` when that output
+exists, writes it atomically, and marks the run's status, in ``stage``.
+
+Distributed runs (``--devices N --strategy ddp``, torchrun, SLURM) run the whole recipe on
+every rank: a training stage fits on all ranks (Lightning's DDP) and rank 0 writes its output;
+an evaluation stage runs on rank 0 while the other ranks wait at a barrier. Whether a stage
+is skipped is rank 0's decision, broadcast to the others, so all ranks take the same path.
+
+The stages here are the ones every pretrain-then-transfer recipe shares: the method's
+pretraining, frozen features -> linear-probe sweep and kNN, and the fine-tune. Recipes
+(``runner/recipes/``) compose them with their experiment's own stages.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from visionbench.backbones import load_backbone_weights
+from visionbench.data.datamodule import ImageClassificationDataModule
+from visionbench.data.images.shapes import prepare_shapes
+from visionbench.errors import ConfigError
+from visionbench.evals.features import cached_features
+from visionbench.evals.finetune import run_finetune
+from visionbench.evals.knn import knn_protocol
+from visionbench.evals.linear_probe import linear_probe_sweep
+from visionbench.methods import build_method, method_class
+from visionbench.norms.schedules import NormSchedules
+from visionbench.results.records import atomic_write_json, read_json
+from visionbench.runner.core import (
+    EMBEDDED,
+    ENCODER_FILE,
+    Run,
+    accumulation,
+    build_encoder,
+    fit_stage,
+    is_global_zero,
+    save_encoder,
+)
+
+# -- ranks --------------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if not distributed():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def stage(run: Run, name: str, output: Path, fn: Callable[[], object], *,
+          train: bool = False) -> bool:
+    """Run ``fn`` unless ``output`` exists (then it is a done stage, skipped on resume).
+
+    ``train``: ``fn`` fits on every rank (and writes ``output`` on rank 0 only); otherwise
+    ``fn`` runs on rank 0 while the others wait. Returns whether ``fn`` ran.
+    """
+    if agree(Path(output).exists()):
+        run.log(f"{name}: done ({output.relative_to(run.dir)}), skipped")
+        return False
+    if train or is_global_zero():
+        fn()
+    barrier()
+    if is_global_zero():
+        if not Path(output).exists():
+            raise RuntimeError(f"stage {name} finished without writing {output}")
+        run.mark(name, wall_s=run.wall())
+    return True
+
+
+def limited(loader, run: Run):
+    """``loader``, cut to two batches in a ``--fast-dev-run``."""
+    if not run.cfg.trainer.fast_dev_run:
+        return loader
+    return list(itertools.islice(loader, 2))
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def image_datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None,
+                     auto_augment: str | None = None, reprob: float = 0.0,
+                     crop_scale: tuple[float, float] = (0.08, 1.0),
+                     train_transform=None) -> ImageClassificationDataModule:
+    """The labelled image set of ``run.cfg.data`` (``--data-root``, or the embedded
+    ``shapes`` written once to the cache), with ``train_transform`` (a method's) or the image
+    transform of ``train_kind``."""
+    d = run.cfg.data
+    if d.root is None:
+        if d.dataset not in EMBEDDED:
+            raise ConfigError(f"data.dataset {d.dataset!r} has no embedded generator; "
+                              "pass --data-root or use dataset 'shapes'")
+        run.log("preparing the embedded 'shapes' data set (written once to the cache)")
+        root = prepare_shapes(image_size=d.image_size, seed=run.cfg.seed,
+                              train_per_class=d.synth.train_per_class,
+                              val_per_class=d.synth.val_per_class,
+                              test_per_class=d.synth.test_per_class)
+    else:
+        root = Path(d.root)
+    dm = ImageClassificationDataModule(
+        root=root, image_size=d.image_size, in_chans=d.in_chans, mean=d.mean, std=d.std,
+        batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
+        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=run.cfg.seed,
+        train_kind=train_kind, auto_augment=auto_augment, reprob=reprob, crop_scale=crop_scale,
+        train_transform=train_transform)
+    dm.setup()
+    return dm
+
+
+def method_datamodule(run: Run, section) -> ImageClassificationDataModule:
+    """The image set with the pretraining method's own train transform."""
+    return image_datamodule(run, train_transform=method_class(section.method).train_transform(
+        section, run.cfg.data))
+
+
+# -- pretraining --------------------------------------------------------------------------------
+
+
+def pretrain(run: Run, section, dm, out: Path, *, model=None, label: str = "pretraining",
+             key: str = "pretrain", callbacks: tuple = (), after=None,
+             encoder_file: Path | None = None, **method_kwargs) -> Path:
+    """Pretrain the backbone of ``model`` (default ``run.cfg.model``) with the method config
+    ``section``, logs and step checkpoints under ``out``; the encoder goes to
+    ``encoder_file`` (default ``out/encoder.safetensors``, returned). ``after(module)`` runs
+    on rank 0 before the encoder is saved (figures, records)."""
+    encoder_file = encoder_file or out / ENCODER_FILE
+    model = model or run.cfg.model
+
+    def fit() -> None:
+        module = build_method(section, build_encoder(run, model=model), model, run.cfg.data,
+                              **method_kwargs)
+        if getattr(section, "official_weights", None):
+            run.log(module.load_official(section.official_weights))
+        run.log(f"[{label}] {section.method}, {section.epochs} epochs")
+        fit_stage(run, module, dm, out, epochs=section.epochs,
+                  checkpoint_every_n_steps=section.checkpoint_every_n_steps,
+                  val_every_n_epochs=section.val_every_n_epochs, callbacks=callbacks,
+                  label=label, effective_batch_size=section.effective_batch_size,
+                  effective_key=f"{key}.effective_batch_size",
+                  sync_batchnorm=getattr(module, "sync_batchnorm", False))
+        if is_global_zero():
+            if after is not None:
+                after(module)
+            save_encoder(module.encoder, encoder_file)
+
+    stage(run, label, encoder_file, fit, train=True)
+    return encoder_file
+
+
+def load_encoder(run: Run, path: Path, model=None, strict: bool = True) -> torch.nn.Module:
+    encoder = build_encoder(run, model=model)
+    load_backbone_weights(encoder, path, strict=strict)
+    return encoder
+
+
+# -- transfer -----------------------------------------------------------------------------------
+
+
+def init_name(run: Run, init: str) -> str:
+    if init == "random":
+        return "random"
+    if run.cfg.model.weights:
+        return Path(run.cfg.model.weights).name
+    return run.cfg.pretrain.method  # the method that pretrained it in this run
+
+
+def evaluation_backbone(run: Run, init: str, drop_path_rate: float = 0.0,
+                        finetune: bool = False, encoder_file: Path | None = None,
+                        model=None) -> torch.nn.Module:
+    """The backbone of ``init``: random, ``model.weights``, or the run's pretrained encoder
+    (``encoder_file``, default ``checkpoints/encoder.safetensors``). For fine-tuning its
+    position embedding is trainable, as MAE's ``models_vit.py`` (a plain timm ViT)
+    fine-tunes the pretrained sin-cos values."""
+    backbone = build_encoder(run, drop_path_rate, model=model)
+    if init == "pretrained":
+        path = run.cfg.model.weights or encoder_file or run.dir / "checkpoints" / ENCODER_FILE
+        report = load_backbone_weights(backbone, path, strict=run.cfg.model.weights is None)
+        run.log(report.summary())
+    if finetune and getattr(backbone, "pos_embed", None) is not None:
+        backbone.pos_embed.requires_grad_(True)
+    return backbone
+
+
+def device(run: Run) -> str:
+    return "cuda" if run.device.startswith("cuda") else "cpu"
+
+
+def features(run: Run, name: str, backbone_fn: Callable[[], torch.nn.Module], dm,
+             folder: Path) -> dict:
+    """Frozen features of every split, cached once in ``folder/<split>.pt``."""
+    e = run.cfg.eval
+    backbone = None
+    feats = {}
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.pt"
+        if backbone is None and not path.is_file():
+            backbone = backbone_fn().to(device(run))
+        run.log(f"[{name}] features of the {split} split")
+        feats[split] = cached_features(path, backbone, limited(dm.eval_dataloader(split), run),
+                                       e.pooling, e.last_k, device(run))
+    return feats
+
+
+def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:
+    """The linear-probe grid of ``run.cfg.eval`` on cached ``feats[split] = (x, y)``; its
+    result is written to ``out/linear_probe.json``."""
+    p = run.cfg.eval.linear_probe
+    probe = linear_probe_sweep(
+        *feats["train"], *feats["val"], *feats["test"], num_classes=dm.num_classes,
+        lrs=p.lrs, weight_decays=p.weight_decays, epochs=p.epochs, batch_size=p.batch_size,
+        warmup_epochs=p.warmup_epochs, seed=run.cfg.seed, classes=dm.classes,
+        max_extensions=p.max_extensions)
+    for extension in probe["extensions"]:
+        run.log(f"linear probe: best on the grid's edge ({', '.join(extension['edges'])}); "
+                f"extended by lrs {extension['added_lrs']}, weight decays "
+                f"{extension['added_weight_decays']}")
+    atomic_write_json(out / "linear_probe.json", probe)
+    return probe
+
+
+def linear_probe(run: Run, name: str, backbone_fn, dm, out: Path,
+                 features_dir: Path | None = None) -> None:
+    """Stage: the linear-probe sweep on frozen features (``out/linear_probe.json``)."""
+    folder = features_dir or run.dir / "features" / name
+
+    def fit() -> None:
+        p = run.cfg.eval.linear_probe
+        feats = features(run, name, backbone_fn, dm, folder)
+        run.log(f"[{name}] linear probe: {len(p.lrs) * len(p.weight_decays)} heads in one pass")
+        probe_sweep(run, feats, dm, out)
+
+    stage(run, f"linear_probe:{name}", out / "linear_probe.json", fit)
+
+
+def knn(run: Run, name: str, backbone_fn, dm, out: Path,
+        features_dir: Path | None = None) -> None:
+    """Stage: weighted and majority kNN on frozen features (``out/knn.json``)."""
+    folder = features_dir or run.dir / "features" / name
+
+    def fit() -> None:
+        k = run.cfg.eval.knn
+        feats = features(run, name, backbone_fn, dm, folder)
+        run.log(f"[{name}] kNN")
+        (train_x, train_y), (test_x, test_y) = feats["train"], feats["test"]
+        atomic_write_json(out / "knn.json", knn_protocol(
+            train_x, train_y, test_x, test_y, dm.num_classes, k=k.k,
+            temperature=k.temperature, majority_k=k.majority_k))
+
+    stage(run, f"knn:{name}", out / "knn.json", fit)
+
+
+def finetune_datamodule(run: Run) -> ImageClassificationDataModule:
+    """The training images through MAE's fine-tune transform (``eval.finetune``)."""
+    ft = run.cfg.eval.finetune
+    return image_datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
+                            auto_augment=ft.auto_augment, reprob=ft.reprob)
+
+
+def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: tuple = (),
+                          keep_model: bool = False, encoder_file: Path | None = None) -> dict:
+    """``eval.finetune`` (MAE's recipe) of the ``init`` backbone, its effective batch by
+    accumulation, the norm schedules bound to it."""
+    ft = run.cfg.eval.finetune
+    backbone = evaluation_backbone(run, init, ft.drop_path_rate, finetune=True,
+                                   encoder_file=encoder_file)
+    accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
+                              "eval.finetune.effective_batch_size")
+    return run_finetune(
+        backbone, ft_dm.train_dataloader(), ft_dm.val_dataloader(), ft_dm.test_dataloader(),
+        ft_dm.num_classes,
+        {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
+                                  "effective_batch_size", "auto_augment", "reprob"}),
+         "seed": run.cfg.seed},
+        {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
+        out_dir, callbacks=(NormSchedules(run.log), *callbacks), keep_model=keep_model)
+
+
+def finetune(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:
+    """Stage: the fine-tune of ``init`` (``out/finetune.json``), on rank 0."""
+    def fit() -> None:
+        run.log(f"[{init_name(run, init)}] fine-tune, {run.cfg.eval.finetune.epochs} epochs")
+        result = run_finetune_protocol(run, finetune_datamodule(run), init,
+                                       out / "finetune_logs", encoder_file=encoder_file)
+        atomic_write_json(out / "finetune.json", result)
+
+    stage(run, f"finetune:{init_name(run, init)}", out / "finetune.json", fit)
+
+
+def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
+    """The classification transfer protocols of ``eval`` on one init: linear probe, kNN and
+    (when enabled) fine-tune; their JSONs in ``evals/<init>/`` (returned)."""
+    name = init_name(run, init)
+    out = run.dir / "evals" / name
+
+    def backbone():
+        return evaluation_backbone(run, init, encoder_file=encoder_file)
+
+    linear_probe(run, name, backbone, dm, out)
+    knn(run, name, backbone, dm, out)
+    if run.cfg.eval.finetune.enabled:
+        finetune(run, init, out, encoder_file)
+    return out
+
+
+def transfer_rows(run: Run, init: str, out: Path) -> list[dict]:
+    """Leaderboard rows of ``transfer``'s result files."""
+    name = init_name(run, init)
+    probe = read_json(out / "linear_probe.json")
+    rows = [{"init": name, "protocol": "linear_probe", "metric": m, "value": probe[f"test_{m}"]}
+            for m in ("top1", "top5")]
+    for key, values in read_json(out / "knn.json").items():
+        rows += [{"init": name, "protocol": f"knn_{key}", "metric": metric, "value": value}
+                 for metric, value in values.items() if isinstance(value, (int, float))]
+    if (out / "finetune.json").is_file():
+        ft = read_json(out / "finetune.json")
+        rows += [{"init": name, "protocol": "finetune", "metric": m, "value": ft[f"test_{m}"]}
+                 for m in ("top1", "top5")]
+    return rows
