@@ -135,3 +135,27 @@ def test_demo_and_paper_profiles_carry_the_official_schedules():
     demo = resolve_config("norm-ablation")
     assert demo.model.norm_options["prepbn"]["decay_fraction"] == 0.8  # 300000 / 375300
     assert resolve_config("evonorm").ablation.conv.preact == ["batchnorm"]
+
+
+@pytest.mark.parametrize("sets, want", [
+    (["pretrain.mask_ratio=1.5"], "pretrain.mask_ratio: Input should be less than 1"),
+    (["pretrain.decoder_widht=3"], "unknown key 'pretrain.decoder_widht'; allowed here: "
+                                   "blr, checkpoint_every_n_steps, decoder_depth"),
+    (["pretrain.method=byol"], "pretrain.method: unknown method 'byol'; allowed: mae"),
+    (["pretrain={epochs: 3}"], "pretrain.method: missing; allowed: mae"),
+    (["ablation.entries=[{norm: dyt, pretrain: {mask_ratio: 2}}]"],
+     "ablation.entries.0.pretrain: mask_ratio: Input should be less than 1"),
+])
+def test_errors_inside_a_union_member_name_the_key(sets, want):
+    with pytest.raises(ConfigError, match=None) as err:
+        resolve_config("norm-ablation", sets=sets)
+    assert want in str(err.value), str(err.value)
+
+
+def test_pretrain_is_optional_and_each_method_brings_its_own_defaults():
+    assert resolve_config("alpha-bn").pretrain is None
+    pixpro = resolve_config("pixpro", "paper", require_data=False).pretrain
+    assert (pixpro.method, pixpro.blr, pixpro.weight_decay, pixpro.pos_ratio) == (
+        "pixpro", 1.0, 1e-5, 0.7)
+    unip = resolve_config("unip-infrared", "paper", require_data=False).pretrain
+    assert unip.mae.mask_ratio == 0.75 and unip.teacher.layer == 17

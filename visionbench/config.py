@@ -33,9 +33,7 @@ from visionbench.schema import LocalFile, Schedule, Strict
 __all__ = ["LocalFile", "Schedule", "Strict"]  # the shared pieces, re-exported
 
 PROFILES = ("demo", "paper")
-PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # in an installed wheel
-SOURCE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # in a source checkout
-CONFIG_DIR = SOURCE_CONFIGS if SOURCE_CONFIGS.is_dir() else PACKAGE_CONFIGS
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data (configs/ links here)
 
 # every method config, keyed by its ``method`` tag (each method file registers its own)
 PretrainConfig = Annotated[functools.reduce(operator.or_, method_configs()),

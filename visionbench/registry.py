@@ -313,3 +313,54 @@ norm_paper(
 )
 norm_paper("selu", "Self-Normalizing Neural Networks", "1706.02515", "selu", "", "resnet50",
            "bioinf-jku/SNNs")
+
+
+register(
+    Experiment(
+        name="pixpro",
+        paper="Propagate Yourself: Exploring Pixel-Level Consistency for Unsupervised Visual "
+        "Representation Learning",
+        arxiv="2011.10043",
+        method="pixpro",
+        backbone="resnet50",
+        norm="batchnorm",
+        placement="",
+        pretrain_data="imagenet-1k",
+        task="image classification, object detection",
+        dataset="imagenet-1k",
+        protocols=("linear_probe", "knn"),
+        metrics=("top1", "top5"),
+        config="configs/pixpro.yaml",
+        code="zdaxie/PixPro",
+        reported=tuple(
+            Reported("resnet50", protocol, "ap", value, dataset,
+                     "official README, main results (detectron2 transfer)")
+            for protocol, dataset, value in (
+                ("detection_c4_100ep", "voc07+12", 58.8),
+                ("detection_c4_400ep", "voc07+12", 60.2),
+                ("detection_fpn_1x_100ep", "coco", 40.8),
+                ("detection_fpn_1x_400ep", "coco", 41.4),
+            )
+        ),
+    )
+)
+
+
+register(
+    Experiment(
+        name="selfie",
+        paper="Selfie: Self-supervised Pretraining for Image Embedding",
+        arxiv="1906.02940",
+        method="selfie",
+        backbone="resnet50",
+        norm="batchnorm",
+        placement="",
+        pretrain_data="imagenet-1k",
+        task="image classification",
+        dataset="imagenet-1k",
+        protocols=("linear_probe", "knn"),
+        metrics=("top1", "top5"),
+        config="configs/selfie.yaml",
+        code="",
+    )
+)

@@ -435,7 +435,8 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
-        return self.transform(item) if self.transform else sample_dict(item)
+        sample = sample_dict(item)
+        return self.transform(sample) if self.transform else sample
 
 
 # ----------------------------------------------------------------------------- datamodule

@@ -473,6 +473,13 @@ class PixPro(PretrainModule):
             loss = loss + self.ins_loss_weight * loss_ins
         return loss
 
+    def validation_step(self, batch, batch_idx: int):
+        """Validation images come through the eval transform: without two views there is no
+        PixPro loss to take (the official code validates nothing)."""
+        if "view1" not in batch:
+            return None
+        return super().validation_step(batch, batch_idx)
+
     def pretrain_loss(self, batch: dict, generator_seed: int | None = None) -> torch.Tensor:
         """Momentum update (training only, once per step), then the loss; ``generator_seed`` is
         unused: the loss itself draws no random numbers."""

@@ -166,7 +166,9 @@ def update_leaderboard(
     if reference_csv is not None:
         new_rows += read_reference(reference_csv)
     for run_dir in _finished_runs(runs_dir):
-        new_rows += rows_from_metrics(read_metrics(run_dir))
+        metrics = read_metrics(run_dir)
+        if not metrics.get("dry_run"):  # a --fast-dev-run's numbers are not results
+            new_rows += rows_from_metrics(metrics)
     table = _upsert(Path(leaderboard_csv), new_rows)
     return _to_dataframe(table)
 

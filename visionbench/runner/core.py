@@ -306,6 +306,8 @@ def fit_stage(
         module.batch_size = batch
     kwargs = run.trainer_kwargs(distributed=distributed)
     world = check_trainer_settings(run.cfg) if distributed else 1
+    if run.cfg.trainer.fast_dev_run:  # two batches of whatever size the data allows
+        effective_batch_size = None
     accumulate = accumulation(effective_batch_size, dm.batch_size, world, effective_key)
     if accumulate > 1:
         run.log(f"{label}: effective batch {dm.batch_size * world * accumulate} = "

@@ -13,6 +13,7 @@ pretraining, frozen features -> linear-probe sweep and kNN, and the fine-tune. R
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from visionbench.evals.linear_probe import linear_probe_sweep
 from visionbench.methods import build_method, method_class
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.records import atomic_write_json, read_json
+from visionbench.results.rows import rows_from_result
 from visionbench.runner.core import (
     EMBEDDED,
     ENCODER_FILE,
@@ -63,6 +65,23 @@ def agree(flag: bool) -> bool:
     return bool(box[0])
 
 
+@contextlib.contextmanager
+def rank_local():
+    """Rank 0's evaluation while the other ranks wait: torchmetrics' metrics made inside do
+    not all-gather across the (idle) process group."""
+    if not distributed():
+        yield
+        return
+    import torchmetrics.metric
+
+    original = torchmetrics.metric.jit_distributed_available
+    torchmetrics.metric.jit_distributed_available = lambda: False
+    try:
+        yield
+    finally:
+        torchmetrics.metric.jit_distributed_available = original
+
+
 def stage(run: Run, name: str, output: Path, fn: Callable[[], object], *,
           train: bool = False) -> bool:
     """Run ``fn`` unless ``output`` exists (then it is a done stage, skipped on resume).
@@ -73,8 +92,11 @@ def stage(run: Run, name: str, output: Path, fn: Callable[[], object], *,
     if agree(Path(output).exists()):
         run.log(f"{name}: done ({output.relative_to(run.dir)}), skipped")
         return False
-    if train or is_global_zero():
+    if train:
         fn()
+    elif is_global_zero():
+        with rank_local():
+            fn()
     barrier()
     if is_global_zero():
         if not Path(output).exists():
@@ -319,15 +341,12 @@ def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
 
 def transfer_rows(run: Run, init: str, out: Path) -> list[dict]:
     """Leaderboard rows of ``transfer``'s result files."""
-    name = init_name(run, init)
-    probe = read_json(out / "linear_probe.json")
-    rows = [{"init": name, "protocol": "linear_probe", "metric": m, "value": probe[f"test_{m}"]}
-            for m in ("top1", "top5")]
-    for key, values in read_json(out / "knn.json").items():
-        rows += [{"init": name, "protocol": f"knn_{key}", "metric": metric, "value": value}
-                 for metric, value in values.items() if isinstance(value, (int, float))]
+    name, seed = init_name(run, init), run.cfg.seed
+    rows = rows_from_result(read_json(out / "linear_probe.json"), init=name,
+                            protocol="linear_probe", metrics=("top1", "top5"), seed=seed)
+    rows += rows_from_result(read_json(out / "knn.json"), init=name, protocol="knn",
+                             metrics=("top1", "top5"), seed=seed)
     if (out / "finetune.json").is_file():
-        ft = read_json(out / "finetune.json")
-        rows += [{"init": name, "protocol": "finetune", "metric": m, "value": ft[f"test_{m}"]}
-                 for m in ("top1", "top5")]
+        rows += rows_from_result(read_json(out / "finetune.json"), init=name,
+                                 protocol="finetune", metrics=("top1", "top5"), seed=seed)
     return rows

@@ -49,6 +49,7 @@ from visionbench.methods.unip import choose_teacher_layer
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_mask_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
+from visionbench.results.rows import rows_from_result
 from visionbench.runner import stages
 from visionbench.runner.core import (
     ENCODER_FILE,
@@ -313,25 +314,25 @@ def segmentation_stage(run: Run, student: str, dataset: str, root: Path,
 def segment(run: Run, student: str, dataset: str, root: Path,
             figure_images: torch.Tensor | None, protocol: str, out: Path) -> None:
     """One segmentation protocol of one student on one data set (``out/<protocol>.json``)."""
-    if True:
-        p = getattr(run.cfg.eval.segmentation, protocol)
-        label = f"[{student}] {dataset}: {protocol} segmentation"
-        (train, test), num_classes, classes = segmentation_loaders(run, root, p.batch_size,
-                                                                   label)
-        run.log(label)
-        backbone = segmentation_backbone(run, student, p.layer_scale,
-                                         finetune=protocol == "finetune")
-        keep = protocol == "finetune" and figure_images is not None
-        result = run_segmentation(backbone, train, test, num_classes, protocol,
-                                  protocol_cfg(run, protocol, dataset), out / f"{protocol}_logs",
-                                  run.trainer_kwargs(distributed=False), keep_model=keep,
-                                  callbacks=(NormSchedules(run.log),))
-        if keep:
-            model = result.pop("model")
-            masks = predict_masks(model, figure_images, inference="whole")
-            torch.save(masks, out / "predicted_masks.pt")
-        result["classes"] = classes
-        atomic_write_json(out / f"{protocol}.json", result)
+    out.mkdir(parents=True, exist_ok=True)
+    p = getattr(run.cfg.eval.segmentation, protocol)
+    label = f"[{student}] {dataset}: {protocol} segmentation"
+    (train, test), num_classes, classes = segmentation_loaders(run, root, p.batch_size,
+                                                               label)
+    run.log(label)
+    backbone = segmentation_backbone(run, student, p.layer_scale,
+                                     finetune=protocol == "finetune")
+    keep = protocol == "finetune" and figure_images is not None
+    result = run_segmentation(backbone, train, test, num_classes, protocol,
+                              protocol_cfg(run, protocol, dataset), out / f"{protocol}_logs",
+                              run.trainer_kwargs(distributed=False), keep_model=keep,
+                              callbacks=(NormSchedules(run.log),))
+    if keep:
+        model = result.pop("model")
+        masks = predict_masks(model, figure_images, inference="whole")
+        torch.save(masks, out / "predicted_masks.pt")
+    result["classes"] = classes
+    atomic_write_json(out / f"{protocol}.json", result)
 
 
 def mask_figure(run: Run, dataset: str, root: Path, images, truth) -> None:
@@ -363,9 +364,9 @@ def collect_results(run: Run) -> list[dict]:
         for student in run.cfg.pretrain.students:
             for protocol, name in PROTOCOLS.items():
                 result = read_json(run.dir / "evals" / student / dataset / f"{protocol}.json")
-                rows += [{"backbone": label, "init": student, "dataset": dataset,
-                          "protocol": name, "metric": metric, "value": result[metric]}
-                         for metric in ("miou", "pixel_acc")]
+                rows += [{"backbone": label, "dataset": dataset, **row} for row in
+                         rows_from_result(result, init=student, protocol=name,
+                                          metrics=("miou", "pixel_acc"), seed=run.cfg.seed)]
     return rows
 
 
