@@ -95,9 +95,11 @@ def show(
     for key, value in entry.row().items():
         if key not in ("name", "paper", "arxiv"):
             console.print(f"  {key}: {value}", highlight=False)
-    for r in entry.reported:
-        console.print(f"  reported: {r.backbone} {r.protocol} {r.metric} = {r.value} ({r.source})",
-                      highlight=False)
+    if entry.reported:  # one row per number, with the init / method it belongs to
+        from visionbench.results.tables import reported_table
+
+        console.print("\n[bold]reported numbers[/bold]")
+        console.print(reported_table(entry), highlight=False, markup=False, soft_wrap=True)
     console.print(f"\n[bold]resolved config ({profile} profile)[/bold]")
     console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False, markup=False)
 

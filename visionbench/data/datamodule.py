@@ -303,7 +303,8 @@ class AdaptChannels:
         return f"{type(self).__name__}(in_chans={self.in_chans})"
 
 
-def _per_channel(values: Sequence[float], in_chans: int, name: str) -> list[float]:
+def per_channel(values: Sequence[float], in_chans: int, name: str = "mean/std") -> list[float]:
+    """One statistic per channel from ``in_chans``, one, or RGB values (averaged)."""
     values = [float(v) for v in values]
     if len(values) == in_chans:
         return values
@@ -410,20 +411,18 @@ def build_transform(
             *spatial,
             T.ToTensor(),
             AdaptChannels(in_chans),
-            T.Normalize(_per_channel(mean, in_chans, "mean"), _per_channel(std, in_chans, "std")),
+            T.Normalize(per_channel(mean, in_chans, "mean"), per_channel(std, in_chans, "std")),
             *after,
         ]
     )
 
 
 class TransformedDataset(Dataset):
-    """``dataset`` as sample dicts: each item through ``transform`` (a sample transform, or
-    an image ``Compose`` lifted by ``ImageSample``); without one, ``{"image", "label"}``."""
+    """``dataset`` as sample dicts: each item through ``transform``, a sample transform (an
+    image transform lifted by ``ImageSample``); without one, ``{"image", "label"}``."""
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None) -> None:
+    def __init__(self, dataset: Dataset, transform: Callable[[dict], dict] | None) -> None:
         self.dataset = dataset
-        if isinstance(transform, T.Compose):  # an image transform
-            transform = ImageSample(transform)
         self.transform = transform
 
     @property
@@ -476,9 +475,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.seed = seed
         # a method's own sample transform, or the image transform of ``train_kind``
-        self.train_transform = train_transform or build_transform(
-            image_size, in_chans, mean, std, True, train_kind, auto_augment, reprob, crop_scale)
-        self.eval_transform = build_transform(image_size, in_chans, mean, std, False)
+        self.train_transform = train_transform or ImageSample(build_transform(
+            image_size, in_chans, mean, std, True, train_kind, auto_augment, reprob, crop_scale))
+        self.eval_transform = ImageSample(build_transform(image_size, in_chans, mean, std, False))
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:

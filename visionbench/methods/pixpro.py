@@ -78,6 +78,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from visionbench.data.datamodule import AdaptChannels, ToChannels, per_channel
 from visionbench.errors import ConfigError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.lars import LARS, add_weight_decay
@@ -178,31 +179,6 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def _per_channel(values: Sequence[float], in_chans: int) -> list[float]:
-    values = [float(v) for v in values]
-    if len(values) == in_chans:
-        return values
-    if len(values) == 3:  # RGB statistics for another channel count: their mean, replicated
-        return [sum(values) / 3.0] * in_chans
-    if len(values) == 1:
-        return values * in_chans
-    raise ConfigError(f"data mean/std {values}: {len(values)} values for in_chans={in_chans}")
-
-
-class _Channels:
-    """``(C, H, W)`` -> ``in_chans`` channels: the first ones, or the grey mean replicated."""
-
-    def __init__(self, in_chans: int) -> None:
-        self.in_chans = in_chans
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == self.in_chans:
-            return x
-        if x.shape[0] > self.in_chans:
-            return x[: self.in_chans].contiguous()
-        return x.mean(0, keepdim=True).expand(self.in_chans, -1, -1).contiguous()
-
-
 class CoordView:
     """One view as ``transform_coord.Compose``: crop with box, flip with box, then the
     photometric transforms; returns ``(image tensor, box)``."""
@@ -227,9 +203,10 @@ class PixProTransform:
                  mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225),
                  crop_scale: Sequence[float] = (0.08, 1.0)) -> None:
-        self.mode = "L" if in_chans == 1 else "RGB"
-        tail = [T.ToTensor(), _Channels(in_chans),
-                T.Normalize(_per_channel(mean, in_chans), _per_channel(std, in_chans))]
+        # the photometric ops see "L" or "RGB"; AdaptChannels brings other counts back
+        self.to_channels = ToChannels(1 if in_chans == 1 else 3)
+        tail = [T.ToTensor(), AdaptChannels(in_chans),
+                T.Normalize(per_channel(mean, in_chans, "mean"), per_channel(std, in_chans, "std"))]
 
         def photometric(blur_p: float, solarize_p: float) -> T.Compose:
             ops = [
@@ -247,9 +224,7 @@ class PixProTransform:
                                RandomHorizontalFlipCoord(), photometric(0.1, 0.2))
 
     def __call__(self, sample: dict) -> dict:
-        img = sample["image"]
-        if img.mode != self.mode:
-            img = img.convert(self.mode)
+        img = self.to_channels(sample["image"])
         view1, coords1 = self.view1(img)
         view2, coords2 = self.view2(img)
         return {"view1": view1, "view2": view2, "coords1": coords1, "coords2": coords2}

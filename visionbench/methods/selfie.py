@@ -70,6 +70,7 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from visionbench.backbones import create_backbone, read_state_dict
+from visionbench.data.datamodule import AdaptChannels, ToChannels, per_channel
 from visionbench.errors import ConfigError, WeightsError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.registry import register_method
@@ -368,15 +369,6 @@ class Selfie(PretrainModule):
 # -- transform ---------------------------------------------------------------------------------
 
 
-def _per_channel(values: Sequence[float], in_chans: int) -> list[float]:
-    values = [float(v) for v in values]
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    return [sum(values) / len(values)] * in_chans  # RGB statistics for other channel counts
-
-
 class SelfieTransform:
     """A reader sample ``{"image": PIL image, ...}`` -> ``{"image": (in_chans, S, S)}``
     normalized. ``crop="pad"``: resize + centre crop to S when the image is not S x S, zero
@@ -395,16 +387,15 @@ class SelfieTransform:
             spatial = [T.RandomResizedCrop(image_size)]
         else:
             raise ConfigError(f"pretrain.crop: {crop!r} (expected auto, pad or resized)")
-        self.ops = T.Compose([*spatial, T.RandomHorizontalFlip(), T.ToTensor()])
-        self.normalize = T.Normalize(_per_channel(mean, in_chans), _per_channel(std, in_chans))
+        self.to_channels = ToChannels(1 if in_chans == 1 else 3)
+        self.ops = T.Compose([*spatial, T.RandomHorizontalFlip(), T.ToTensor(),
+                              AdaptChannels(in_chans)])
+        self.normalize = T.Normalize(per_channel(mean, in_chans, "mean"),
+                                     per_channel(std, in_chans, "std"))
 
     def __call__(self, sample) -> dict:
         img = sample["image"] if isinstance(sample, Mapping) else sample
-        img = img.convert("L" if self.in_chans == 1 else "RGB")
-        x = self.ops(img)
-        if x.shape[0] != self.in_chans:  # RGB to another channel count: grey replicated
-            x = x.mean(dim=0, keepdim=True).expand(self.in_chans, -1, -1).contiguous()
-        return {"image": self.normalize(x)}
+        return {"image": self.normalize(self.ops(self.to_channels(img)))}
 
 
 # -- fine-tuning -------------------------------------------------------------------------------

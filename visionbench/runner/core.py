@@ -151,7 +151,7 @@ def check_effective_batches(cfg: ExperimentConfig, world: int) -> None:
         accumulation(schedule.effective_batch_size, cfg.data.batch_size, world,
                      f"{key}.effective_batch_size")
     ft = cfg.eval.finetune
-    accumulation(ft.effective_batch_size, ft.batch_size, world,
+    accumulation(ft.effective_batch_size, ft.batch_size, 1,  # the fine-tune runs on rank 0
                  "eval.finetune.effective_batch_size")
 
 
@@ -283,7 +283,6 @@ def fit_stage(
     checkpoint_every_n_steps: int,
     val_every_n_epochs: int = 1,
     callbacks: tuple = (),
-    distributed: bool = True,
     label: str = "pretraining",
     effective_batch_size: int | None = None,
     effective_key: str = "pretrain.effective_batch_size",
@@ -304,8 +303,8 @@ def fit_stage(
     dm.batch_size = batch
     if hasattr(module, "batch_size"):
         module.batch_size = batch
-    kwargs = run.trainer_kwargs(distributed=distributed)
-    world = check_trainer_settings(run.cfg) if distributed else 1
+    kwargs = run.trainer_kwargs(distributed=True)
+    world = check_trainer_settings(run.cfg)
     if run.cfg.trainer.fast_dev_run:  # two batches of whatever size the data allows
         effective_batch_size = None
     accumulate = accumulation(effective_batch_size, dm.batch_size, world, effective_key)
@@ -330,7 +329,7 @@ def fit_stage(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every_n_epochs,
         accumulate_grad_batches=accumulate,
-        sync_batchnorm=sync_batchnorm and distributed,
+        sync_batchnorm=sync_batchnorm,
         **kwargs,
     )
     resume = resume_checkpoint(ckpt_dir)

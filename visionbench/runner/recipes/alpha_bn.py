@@ -35,6 +35,7 @@ from visionbench.data.datamodule import EVAL_CROP, TransformedDataset, build_tra
 from visionbench.data.images.imagefolder import ImageFolderDataset
 from visionbench.data.images.imagenet_c import CorruptedSet, prepare_corrupted
 from visionbench.data.images.shapes import prepare_shapes
+from visionbench.data.transforms import ImageSample
 from visionbench.errors import ConfigError
 from visionbench.evals.supervised import SupervisedClassifier, run_supervised
 from visionbench.norms.conversions import alpha_bn_applied
@@ -127,7 +128,7 @@ def test_transform(run: Run, corrupted: bool):
 
 
 def load_all(run: Run, dataset, corrupted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = DataLoader(TransformedDataset(dataset, test_transform(run, corrupted)),
+    loader = DataLoader(TransformedDataset(dataset, ImageSample(test_transform(run, corrupted))),
                         batch_size=256, num_workers=run.cfg.data.num_workers)
     batches = list(loader)
     return (torch.cat([b["image"] for b in batches]),
