@@ -103,3 +103,25 @@ def test_paper_profile_needs_an_imagenet_c_folder_and_a_source_model(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "model.weights" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_paper_profile_dry_run_on_an_imagenet_c_layout_with_a_classifier_file(tmp_path):
+    """The paper profile (ResNet-50 at 224 px from a local classifier file, an ImageNet-C
+    folder under --data-root) as a --fast-dev-run, on one corruption and severity of a
+    tiny clean set."""
+    from tests.test_recipes import dry_run
+    from visionbench.data.images.imagenet_c import prepare_corrupted
+    from visionbench.data.images.shapes import prepare_shapes
+    from visionbench.runner.core import save_encoder
+
+    shapes = prepare_shapes(image_size=48, seed=0, train_per_class=1, val_per_class=1,
+                            test_per_class=2, cache_dir=tmp_path / "cache")
+    root = prepare_corrupted(shapes / "test", tmp_path / "imagenet-c", seed=0,
+                             corruptions=("gaussian_noise",), severities=(1,))
+    classifier = tmp_path / "resnet50_source.safetensors"
+    save_encoder(SupervisedClassifier(create_backbone("resnet50"), 10), classifier)
+    run, status = dry_run(tmp_path, "alpha-bn", "--profile", "paper", "--data-root", str(root),
+                          "--set", f"model.weights={classifier}")
+    assert not (run / "source" / "result.json").exists()  # the given file, not trained here
+    assert "alpha_bn:gaussian_noise" in status["stages"]

@@ -50,6 +50,10 @@ def test_paper_profile_needs_a_data_root(tmp_path):
         (["pretrain=3"], {}, "pretrain"),
         (["model.weights=/no/such.pt"], {}, "model.weights: weights file /no/such.pt not found"),
         (["pretrain.official_weights=/no/w.pth"], {}, "pretrain.official_weights: weights file"),
+        (["eval.detection.epochs=2"], {}, "eval.detection: give exactly one of epochs"),
+        (["eval.detection.arch=c5"], {}, "eval.detection.arch"),
+        (["eval.finetune.label_fractions=[0.1, 0.1]"], {}, "fractions repeat"),
+        (["eval.finetune.label_fractions=[0]"], {}, "eval.finetune.label_fractions.0"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(sets, flags, message):
@@ -79,7 +83,7 @@ def test_unknown_experiment_and_profile():
 def test_registry_numbers_match_reference_csv():
     rows = read_reference("results/reference.csv")
     keys = ("experiment", "backbone", "norm", "placement", "init", "dataset", "protocol",
-            "metric")
+            "variant", "metric", "epochs")
     expected = []
     for entry in EXPERIMENTS.values():
         resolve_config(entry.name)  # every entry has a config that validates

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.test_runner import only_run, visionbench
+from tests.test_runner import TINY, only_run, visionbench
 from tests.test_unip_infrared import TOY
 from visionbench.results.leaderboard import read_leaderboard
 
@@ -28,3 +28,60 @@ def test_unip_infrared_on_two_gloo_processes(tmp_path):
         assert stage in status["stages"], stage
     rows = read_leaderboard(board)
     assert len(rows[rows.metric == "miou"]) == 6  # 3 students x 2 protocols, once
+
+
+@pytest.mark.slow
+def test_mae_finetunes_on_two_gloo_processes_and_tests_once(tmp_path):
+    """Pretraining and the low-label fine-tunes fit on both ranks; rank 0 tests each one."""
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench("run", "mae", *TINY, "--set", "pretrain.epochs=1",
+                         "--set", "eval.finetune.label_fractions=[0.5, 1.0]",
+                         "--set", "eval.finetune.batch_size=8", "--set", "data.batch_size=8",
+                         "--devices", "2", "--strategy", "ddp",
+                         "--set", "trainer.accelerator=cpu", "--out", str(out),
+                         "--leaderboard", str(board), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    run = only_run(out)
+    stages = json.loads((run / "status.json").read_text())["stages"]
+    for init in ("mae", "random"):
+        assert {f"finetune:{init}", f"finetune:{init}:labels=50%"} <= set(stages)
+        half = json.loads((run / "evals" / init / "finetune_labels50.json").read_text())
+        assert half["train_images"] == 50  # half of 10 classes x 10 images
+        assert half["samples"]["n"] == 30  # the whole test split, tested once on rank 0
+    rows = read_leaderboard(board)
+    tuned = rows[(rows.protocol == "finetune") & (rows.metric == "top1")]
+    assert sorted(tuned.variant) == ["labels=100%", "labels=100%", "labels=50%", "labels=50%"]
+
+
+@pytest.mark.slow
+def test_norm_ablation_conv_entries_and_a_divergence_on_two_gloo_processes(tmp_path):
+    """Supervised conv entries fit on both ranks, are tested on rank 0; a diverging entry
+    stops both ranks at one step and is recorded once."""
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench(
+        "run", "norm-ablation", "--set", "data.batch_size=16",
+        "--set", "data.synth={train_per_class: 10, val_per_class: 2, test_per_class: 3}",
+        "--set", "model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
+                 "num_heads: 2}",
+        "--set", "pretrain.epochs=2", "--set", "pretrain.warmup_epochs=1",
+        "--set", "eval.linear_probe.epochs=2", "--set", "eval.linear_probe.batch_size=32",
+        "--set", "eval.inits=[pretrained]", "--set", "ablation.stats_steps=[0]",
+        "--set", "ablation.conv.norms=[groupnorm]", "--set", "ablation.conv.epochs=1",
+        "--set", "ablation.conv.batch_size=8",
+        "--set", "ablation.throughput={norms: [layernorm], batch_size: 4, iterations: 1, "
+                 "warmup: 0}",
+        "--set", "ablation.entries=[{norm: layernorm, placement: post, pretrain: "
+                 "{blr: 1.0e+30}}]",
+        "--devices", "2", "--strategy", "ddp", "--set", "trainer.accelerator=cpu",
+        "--out", str(out), "--leaderboard", str(board), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    rows = read_leaderboard(board)
+    supervised = rows[(rows.protocol == "supervised") & (rows.metric == "top1")]
+    assert sorted(supervised.norm) == ["batchnorm", "groupnorm"]  # and its BN baseline
+    diverged = rows[rows.metric == "diverged_at_step"]
+    assert list(diverged.placement) == ["post"] and diverged.value.iloc[0] >= 1
+    run = only_run(out)
+    record = json.loads((run / "entries" / "resnet18-groupnorm" / "result.json").read_text())
+    assert record["supervised"]["samples"]["n"] == 30  # the whole test split, on rank 0

@@ -9,29 +9,34 @@ import pytest
 import yaml
 
 from tests.test_runner import only_run, visionbench
+from visionbench.data.images.scenes import SCENE_CLASSES
 from visionbench.registry import EXPERIMENTS
 
 CONF = Path(__file__).with_name("conf")
 
 
-def tiny_overrides(recipe: str) -> list[str]:
-    """``tests/conf/<recipe>.yaml`` as ``--set`` arguments."""
+def tiny_overrides(name: str) -> list[str]:
+    """``tests/conf/<recipe>.yaml``, then ``tests/conf/<experiment>.yaml`` where there is
+    one, as ``--set`` arguments."""
     def flat(tree: dict, prefix: str = ""):
         for key, value in tree.items():
             if isinstance(value, dict):
                 yield from flat(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}={json.dumps(value)}"
-    path = CONF / f"{recipe}.yaml"
-    tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return [arg for item in flat(tree) for arg in ("--set", item)]
+    args = []
+    for stem in dict.fromkeys((EXPERIMENTS[name].recipe, name)):
+        path = CONF / f"{stem}.yaml"
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        args += [arg for item in flat(tree) for arg in ("--set", item)]
+    return args
 
 
 def dry_run(tmp_path: Path, name: str, *extra: str):
     out, board = tmp_path / "runs", tmp_path / "lb.csv"
-    result = visionbench("run", name, "--fast-dev-run", *tiny_overrides(
-        EXPERIMENTS[name].recipe), *extra, "--out", str(out), "--leaderboard", str(board),
-        cwd=tmp_path, timeout=900)
+    result = visionbench("run", name, "--fast-dev-run", *tiny_overrides(name), *extra,
+                         "--out", str(out), "--leaderboard", str(board),
+                         cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(out)
     status = json.loads((run / "status.json").read_text())
@@ -51,21 +56,43 @@ def test_every_registry_entry_runs_every_stage_as_a_dry_run(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory):
+    """A tiny ImageFolder with a tiny VOC folder beside its classes (``voc/``)."""
+    import shutil
+
+    from visionbench.data.images.scenes import generate_scenes
     from visionbench.data.images.shapes import prepare_shapes
 
-    return prepare_shapes(image_size=48, seed=0, train_per_class=2, val_per_class=1,
-                          test_per_class=1, cache_dir=tmp_path_factory.mktemp("cache"))
+    cached = prepare_shapes(image_size=48, seed=0, train_per_class=2, val_per_class=1,
+                            test_per_class=1, cache_dir=tmp_path_factory.mktemp("cache"))
+    root = tmp_path_factory.mktemp("data") / "root"
+    shutil.copytree(cached, root)
+    generate_scenes(root / "voc", image_size=48, seed=0, n_trainval=3, n_test=2)
+    return root
+
+
+# PixPro's paper detection (C4, SyncBN, 24k steps of 16 images at 800 px) dry-runs its 2
+# steps on 2 images of 64 px with 16 RoIs each: CPU-sized, the wiring of the paper profile.
+PAPER_EXTRA = {"pixpro": ["--set", "eval.detection.batch_size=2", "--set",
+                          "eval.detection.image_size=64", "--set",
+                          "eval.detection.roi_batch_size=16", "--set",
+                          "eval.detection.classes=" + json.dumps(SCENE_CLASSES)]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mae", "pixpro", "selfie"])
 def test_paper_profiles_dry_run_on_real_data_layouts(tmp_path, tiny_imagefolder, name):
     run, status = dry_run(tmp_path, name, "--profile", "paper", "--data-root",
-                          str(tiny_imagefolder))
+                          str(tiny_imagefolder), *PAPER_EXTRA.get(name, []))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["profile"] == "paper" and cfg["data"]["image_size"] == 224
     assert cfg["model"]["backbone"] in ("vit_base_patch16_224", "resnet50")
     assert any(s.startswith("linear_probe:") for s in status["stages"])
+    if name == "pixpro":
+        assert {"detection:pixpro", "detection:random"} <= set(status["stages"])
+        assert cfg["eval"]["detection"]["arch"] == "c4"
+    if name == "selfie":  # the paper's low-label protocol: 5 / 10 / 20 / 100 % of the labels
+        assert {f"finetune:selfie:labels={p}%" for p in (5, 10, 20)} | {"finetune:selfie"} \
+            <= set(status["stages"])
 
 
 def test_a_stage_is_skipped_when_its_output_exists(tmp_path):

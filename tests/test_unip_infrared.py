@@ -4,6 +4,7 @@ pretraining mix, the layer choice, results and the segmentation table."""
 import json
 
 import pytest
+import yaml
 
 from tests.test_runner import only_run, visionbench
 from visionbench.config import resolve_config
@@ -142,3 +143,43 @@ def test_the_fine_tune_backbone_has_layer_scale_and_a_trainable_position_embeddi
     schedule = protocol_cfg(run, "finetune", "thermal")  # the data set's own schedule
     assert (schedule["epochs"], schedule["max_steps"], schedule["warmup_steps"]) == (None, 30, 3)
     assert protocol_cfg(run, "finetune", "soda")["epochs"] == 10  # no schedule: the protocol's
+
+
+@pytest.mark.slow
+def test_paper_profile_dry_run_on_the_real_layouts(tmp_path):
+    """The paper profile's wiring (its readers of SODA / MFNet / SCUT-Seg and InfMix under
+    --data-root, a teacher from a local file, the per-set schedules, every stage) as a
+    --fast-dev-run, with tiny models and crops so that it fits a CPU test."""
+    from PIL import Image
+
+    from tests.data.test_infrared import grey, make_mfnet, make_scut, make_soda
+    from tests.test_recipes import dry_run
+    from visionbench.backbones import create_backbone
+    from visionbench.runner.core import save_encoder
+
+    root = tmp_path / "data"
+    make_soda(root / "SODA")
+    make_mfnet(root / "MFNet", unip=True)
+    make_scut(root / "SCUT-Seg")
+    # a training stage needs two samples: the helpers' one-image train lists take a second
+    (root / "MFNet" / "train.txt").write_text("00000D\n00001D\n")
+    (root / "SCUT-Seg" / "train.txt").write_text("img_0\nimg_1\n")
+    (root / "InfMix").mkdir()
+    for i in range(4):
+        Image.fromarray(grey(i)).save(root / "InfMix" / f"{i}.png")
+    teacher = tmp_path / "teacher.safetensors"
+    save_encoder(create_backbone("vit_large_patch16_224", img_size=32, patch_size=8,
+                                 embed_dim=64, depth=3, num_heads=4), teacher)
+    pairs = [TOY[i:i + 2] for i in range(0, len(TOY), 2)]  # ("--set", "key=value")
+    tiny = [a for pair in pairs if "synth" not in pair[1] for a in pair]
+    run, status = dry_run(tmp_path, "unip-infrared", "--profile", "paper", "--data-root",
+                          str(root), *tiny, "--set", f"pretrain.teacher.weights={teacher}",
+                          "--set", "data.batch_size=2",
+                          *[a for p in ("finetune", "linear") for a in (
+                              "--set", f"eval.segmentation.{p}.inference=slide",
+                              "--set", f"eval.segmentation.{p}.stride=16")])
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["profile"] == "paper" and cfg["pretrain"]["teacher"]["source"] == "weights"
+    for dataset in ("soda", "mfnet", "scut-seg"):
+        for protocol in ("finetune", "linear"):
+            assert f"segmentation:unip:{dataset}:{protocol}" in status["stages"]

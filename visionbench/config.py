@@ -200,6 +200,18 @@ class FinetuneConfig(Strict):
     # main_finetune.py / util/datasets.py: RandAugment, random erasing; 0.875 eval crop
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = Field(0.25, ge=0, le=1)
+    # the low-label protocol: one fine-tune per fraction of the training labels (class-
+    # stratified, drawn with the run's seed), each a leaderboard variant labels=<pct>%
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = [1.0]
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _distinct_fractions(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one fraction")
+        if len(set(value)) != len(value):
+            raise ValueError(f"fractions repeat: {value}")
+        return value
 
 
 
@@ -351,6 +363,49 @@ class SegmentationConfig(Strict):
         return value
 
 
+class ScenesConfig(Strict):
+    """The embedded multi-object scenes (``data/images/scenes.py``), written as VOC."""
+
+    image_size: int = Field(128, ge=16)
+    n_trainval: int = Field(400, gt=0)
+    n_test: int = Field(200, gt=0)
+
+
+class DetectionConfig(Strict):
+    """Faster R-CNN transfer (``evals/detection.py``; PixPro's detectron2 configs). Data: the
+    VOC folder ``root``; without it ``<--data-root>/voc`` when the run has a data root, else
+    the embedded scenes. Defaults: ``Pascal_VOC_R_50_C4_24k``."""
+
+    enabled: bool = True
+    root: str | None = None
+    classes: list[str] | None = None  # None: VOC's 20 (the scenes' own when embedded)
+    train_split: str = "trainval"
+    test_split: str = "test"
+    arch: Literal["c4", "fpn"] = "c4"
+    norm: Literal["syncbn", "frozen"] = "syncbn"
+    image_size: int = Field(800, gt=0)  # the test min side
+    train_sizes: list[int] | None = None  # None: VOC's 480..800 scaled by image_size / 800
+    max_size: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(24000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: 0.02 x batch / 16
+    precise_bn_iters: int = Field(200, ge=0)
+    # detectron2's widths and sampled anchors / RoIs an image (smaller for CPU demos)
+    fpn_channels: int = Field(256, gt=0)
+    box_fc_dim: int = Field(1024, gt=0)
+    rpn_batch_size: int = Field(256, gt=0)
+    roi_batch_size: int = Field(512, gt=0)
+    bootstrap_resamples: int = Field(1000, gt=0)
+    scenes: ScenesConfig = ScenesConfig()
+
+    @model_validator(mode="after")
+    def _one_length(self) -> DetectionConfig:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("give exactly one of epochs and max_steps (set the other to null)")
+        return self
+
+
 class EvalConfig(Strict):
     inits: list[Literal["pretrained", "random"]] = ["pretrained", "random"]
     pooling: Literal["cls", "mean", "lastk"] = "cls"
@@ -359,6 +414,7 @@ class EvalConfig(Strict):
     knn: KNNConfig = KNNConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     segmentation: SegmentationConfig | None = None
+    detection: DetectionConfig | None = None
 
 
 class AlphaBNConfig(Strict):

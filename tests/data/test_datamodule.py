@@ -201,3 +201,39 @@ def test_finetune_transform_is_maes_and_eval_crops_at_0875():
     assert resize.size == 256  # 224 / 0.875
     with pytest.raises(ConfigError, match="auto_augment"):
         build_transform(32, 3, [0.5] * 3, [0.2] * 3, True, "finetune", "nonsense-policy", 0.0)
+
+
+def test_label_fraction_keeps_a_stratified_share_of_train_only(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "flat", ["a", "b", "c"], 20)
+
+    def dm(fraction: float, seed: int = 0) -> ImageClassificationDataModule:
+        module = ImageClassificationDataModule(root, image_size=8, in_chans=1, mean=[0.5],
+                                               std=[0.5], batch_size=4, val_fraction=0.25,
+                                               test_fraction=0.25, seed=seed,
+                                               label_fraction=fraction)
+        module.setup()
+        return module
+
+    full, fifth = dm(1.0), dm(0.2)
+    assert len(full.splits.train) == 30  # 10 a class
+    assert np.bincount(fifth.splits.train.targets).tolist() == [2, 2, 2]
+    assert set(fifth.splits.train.indices) <= set(range(30))  # a subset of the train split
+    assert len(fifth.splits.val) == len(full.splits.val) == 15
+    assert fifth.splits.test.indices == full.splits.test.indices
+    assert dm(0.2).splits.train.indices == fifth.splits.train.indices  # seeded
+    assert dm(0.2, seed=1).splits.train.indices != dm(0.2, seed=0).splits.train.indices
+    with pytest.raises(ConfigError, match="label fraction"):
+        dm(0.0)
+    with pytest.raises(DataError, match="keeps none of the 30"):
+        dm(0.01)
+
+
+def test_raw_eval_loader_is_the_normalized_one_before_normalize(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "flat", ["a", "b"], 6)
+    dm = ImageClassificationDataModule(root, image_size=8, in_chans=3, mean=[0.4, 0.5, 0.6],
+                                       std=[0.2, 0.25, 0.3], batch_size=4)
+    raw = next(iter(dm.eval_dataloader("test", raw=True)))["image"]
+    norm = next(iter(dm.eval_dataloader("test")))["image"]
+    mean = torch.tensor(dm.input_spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dm.input_spec.std).view(1, 3, 1, 1)
+    assert torch.equal((raw - mean) / std, norm)

@@ -11,6 +11,7 @@ from visionbench.data.images.scenes import SCENE_CLASSES, generate_scenes, load_
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals.detection import (
     build_detector,
+    detection_ci,
     detection_metrics,
     detectron2_param_groups,
     precise_bn_update,
@@ -172,3 +173,43 @@ def test_run_detection_rejects_bad_setups(scenes: Path) -> None:
     with pytest.raises(DataError, match=r"labels must be in 1\.\.2"):
         run_detection(resnet18(), train, train, 2, image_size=64, max_steps=1, batch_size=6,
                       **TINY)
+
+
+def noisy_detections(n_images: int, seed: int = 0):
+    """Boxes near the truth with random scores and labels: an AP well inside (0, 100)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    preds, targets = [], []
+    for i in range(n_images):
+        k = int(rng.integers(1, 4))
+        corner = rng.uniform(0, 100, (k, 2))
+        targets.append({"image_id": str(i), "boxes": np.hstack([corner, corner + 20]).tolist(),
+                        "labels": rng.integers(1, 4, k).tolist(),
+                        "difficult": (rng.uniform(size=k) < 0.1).tolist()})
+        near = corner[rng.integers(0, k, 8)] + rng.normal(0, 3, (8, 2))
+        preds.append({"image_id": str(i), "boxes": np.hstack([near, near + 20]).tolist(),
+                      "scores": rng.uniform(0, 1, 8).tolist(),
+                      "labels": rng.integers(1, 4, 8).tolist()})
+    return preds, targets
+
+
+def test_detection_ci_brackets_torchmetrics_ap_and_shrinks_with_more_images() -> None:
+    from visionbench.evals.detection import _ap_triple, _coco_evaluated
+
+    preds, targets = noisy_detections(40)
+    point = detection_metrics(preds, targets)
+    evaluator = _coco_evaluated(preds, targets)  # the resamples' evaluator, no resample
+    evaluator.accumulate()
+    assert _ap_triple(evaluator) == pytest.approx(
+        (point["ap"], point["ap50"], point["ap75"]), abs=1e-4)  # torchmetrics is float32
+    small = detection_ci(preds, targets, n_resamples=200, seed=0)
+    for key in ("ap", "ap50", "ap75"):
+        low, high = small[key]
+        assert low < point[key] < high
+    assert detection_ci(preds, targets, n_resamples=200, seed=0) == small  # seeded
+    many_preds, many_targets = noisy_detections(400, seed=1)
+    narrow = detection_ci(many_preds, many_targets, n_resamples=200, seed=0)
+    assert narrow["ap50"][1] - narrow["ap50"][0] < small["ap50"][1] - small["ap50"][0]
+    with pytest.raises(ConfigError, match="resamples"):
+        detection_ci(preds, targets, n_resamples=0)

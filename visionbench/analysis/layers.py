@@ -14,6 +14,7 @@ its state, so a resumed run keeps the steps recorded before the kill.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -97,7 +98,8 @@ class DivergenceMonitor(L.Callback):
     """Stops training at the first non-finite loss and remembers the step (``diverged_at``).
 
     A diverged entry of an ablation is a result, not a crash: the caller records the step and
-    goes on with the next entry. The loss is read from the training step's output.
+    goes on with the next entry. The loss is read from the training step's output; under DDP
+    a non-finite loss on any rank stops every rank (``diverged_at`` is that step on all).
     """
 
     def __init__(self) -> None:
@@ -113,7 +115,10 @@ class DivergenceMonitor(L.Callback):
         if loss is None:
             return
         value = float(loss.detach())
-        if not torch.isfinite(torch.tensor(value)):
+        finite = bool(math.isfinite(value))
+        if trainer.world_size > 1:  # every rank stops at the same step (DDP)
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             self.diverged_at, self.loss = self._step, value
             trainer.should_stop = True
 

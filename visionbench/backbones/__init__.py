@@ -19,8 +19,10 @@ from visionbench.errors import ConfigError
 class Family:
     """A backbone family: the names it builds, the norm kind it takes (``visionbench.norms``
     catalog kinds), its default norm, how its features are read (``cls``/``mean``/``lastk``
-    token pooling, or the global-pooled ``pooled`` vector and ``dense`` maps), and its
-    factory ``create(name, norm=, placement=, norm_options=, **kwargs)``."""
+    token pooling, or the global-pooled ``pooled`` vector and ``dense`` maps), its
+    factory ``create(name, norm=, placement=, norm_options=, **kwargs)``, and ``stem``:
+    the first layer of one of its modules (None for another family's), where a sealed input
+    normalization (``backbones.sealed``) is applied."""
 
     name: str
     matches: Callable[[str], bool]
@@ -29,6 +31,7 @@ class Family:
     features: tuple[str, ...]
     create: Callable[..., nn.Module]
     example: str
+    stem: Callable[[nn.Module], nn.Module | None]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -66,10 +69,13 @@ def _create_resnet(name: str, *, norm: str, placement: str = "pre",
 register_family(Family(
     "vit", is_vit_name, "token", "layernorm", ("cls", "mean", "lastk", "dense"), create_vit,
     "timm ViT names (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, "
-    "vit_large_patch16_224, vit_huge_patch14_224, ...)"))
+    "vit_large_patch16_224, vit_huge_patch14_224, ...)",
+    lambda m: getattr(m, "patch_embed", None)))
 register_family(Family(
     "resnet", is_resnet_name, "conv", "batchnorm", ("pooled", "dense"), _create_resnet,
-    "ResNets (resnet18, resnet50, ...)"))
+    "ResNets (resnet18, resnet50, ...)",
+    # timm's ResNet starts at conv1, the pre-activation ResNetV2 at stem
+    lambda m: getattr(m, "conv1", None) or getattr(m, "stem", None)))
 
 
 def create_backbone(

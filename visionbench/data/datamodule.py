@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
+from visionbench.backbones.sealed import InputSpec
 from visionbench.data.batch import sample_dict
 from visionbench.data.images.idx import IDXDataset
 from visionbench.data.images.imagefolder import ImageFolderDataset, class_folders, is_image_file
@@ -371,6 +372,7 @@ def build_transform(
     reprob: float = 0.0,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     eval_crop: float = EVAL_CROP,
+    normalize: bool = True,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image of any size and mode -> normalized ``(in_chans, image_size, image_size)``.
 
@@ -383,10 +385,14 @@ def build_transform(
     short side to ``image_size / eval_crop`` + centre crop, as ``main_finetune.py`` and
     ``main_linprobe.py`` (``eval_crop`` 0.875: 256 -> 224; 1 for images that are the crop
     already). ``mean`` / ``std``: one value per channel, one for all,
-    or RGB values (averaged when ``in_chans`` is not 3).
+    or RGB values (averaged when ``in_chans`` is not 3). ``normalize=False`` (eval only):
+    the tensor in [0, 1], for an encoder with its normalization sealed in
+    (``backbones.sealed``).
     """
     if in_chans < 1:
         raise ConfigError(f"model.in_chans: {in_chans} (expected a positive integer)")
+    if train and not normalize:
+        raise ValueError("build_transform: normalize=False is for eval transforms only")
     bicubic = T.InterpolationMode.BICUBIC
     after: list = []
     channels = in_chans
@@ -411,7 +417,8 @@ def build_transform(
             *spatial,
             T.ToTensor(),
             AdaptChannels(in_chans),
-            T.Normalize(per_channel(mean, in_chans, "mean"), per_channel(std, in_chans, "std")),
+            *([T.Normalize(per_channel(mean, in_chans, "mean"),
+                           per_channel(std, in_chans, "std"))] if normalize else []),
             *after,
         ]
     )
@@ -446,7 +453,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     Images are read in their stored mode; ``build_transform`` brings them to ``in_chans``
     channels at ``image_size``. ``eval_dataloader`` gives unshuffled, eval-transformed
-    loaders of any split, for frozen-feature extraction.
+    loaders of any split, for frozen-feature extraction; with ``raw=True`` the images are
+    not normalized, for an encoder sealed with ``input_spec`` (``data.mean`` / ``data.std``
+    per channel). ``label_fraction`` < 1 keeps that class-stratified share of the training
+    split (``carve_indices`` with ``seed``), val and test whole: the low-label protocol.
     """
 
     def __init__(
@@ -466,8 +476,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         reprob: float = 0.0,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         train_transform: Callable[[Any], dict] | None = None,
+        label_fraction: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 < label_fraction <= 1.0:
+            raise ConfigError(f"label fraction: {label_fraction} (expected a fraction in (0, 1])")
+        self.label_fraction = label_fraction
         self.root = Path(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -478,13 +492,25 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_transform = train_transform or ImageSample(build_transform(
             image_size, in_chans, mean, std, True, train_kind, auto_augment, reprob, crop_scale))
         self.eval_transform = ImageSample(build_transform(image_size, in_chans, mean, std, False))
+        self.raw_eval_transform = ImageSample(build_transform(
+            image_size, in_chans, mean, std, False, normalize=False))
+        self.input_spec = InputSpec.of(per_channel(mean, in_chans, "mean"),
+                                       per_channel(std, in_chans, "std"))
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
-            self.splits = load_splits(
+            splits = load_splits(
                 self.root, self.val_fraction, self.test_fraction, self.seed, mode=None
             )
+            if self.label_fraction < 1.0:
+                kept = carve_indices(splits.train.targets, [self.label_fraction], self.seed)[0]
+                if not kept:
+                    raise DataError(f"{self.root}: a label fraction of "
+                                    f"{self.label_fraction:g} keeps none of the "
+                                    f"{len(splits.train)} training samples")
+                splits.train = LabelledSubset(splits.train, kept)
+            self.splits = splits
 
     def _loaded(self) -> Splits:
         self.setup()
@@ -519,9 +545,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
 
-    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        """Unshuffled loader of ``split`` ("train", "val" or "test") with the eval transform."""
+    def eval_dataloader(self, split: str, batch_size: int | None = None,
+                        raw: bool = False) -> DataLoader:
+        """Unshuffled loader of ``split`` ("train", "val" or "test") with the eval transform
+        (``raw``: without its normalization)."""
         if split not in SPLIT_NAMES:
             raise ConfigError(f"split: {split!r} (expected one of {', '.join(SPLIT_NAMES)})")
-        dataset = TransformedDataset(getattr(self._loaded(), split), self.eval_transform)
+        dataset = TransformedDataset(getattr(self._loaded(), split),
+                                     self.raw_eval_transform if raw else self.eval_transform)
         return self._loader(dataset, batch_size or self.batch_size, shuffle=False)

@@ -60,6 +60,8 @@ trained in place: pass a fresh copy.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import io
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -531,6 +533,95 @@ def detection_metrics(predictions: Sequence[Mapping[str, Any]],
         "per_class_ap": {int(c): _percent(torch.tensor(v))
                          for c, v in zip(classes, per_class, strict=True)},
     }
+
+
+def _coco_evaluated(predictions: Sequence[Mapping[str, Any]],
+                    targets: Sequence[Mapping[str, Any]]):
+    """pycocotools' ``COCOeval`` (bbox, area range "all", 100 detections an image) after its
+    per-image matching (``evaluate``), images numbered by position. Built as torchmetrics'
+    pycocotools backend builds it (float32 boxes converted to xywh by torchvision's
+    ``box_convert``, ``iscrowd`` = difficult, its IoU and recall thresholds), so its AP is
+    ``detection_metrics``'."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from torchvision.ops import box_convert
+
+    def xywh(boxes: Any) -> list[list[float]]:
+        return box_convert(_tensor(boxes, torch.float32, (4,)), "xyxy", "xywh").tolist()
+
+    images, gts, dts = [], [], []
+    for index, (pred, target) in enumerate(zip(predictions, targets, strict=True)):
+        images.append({"id": index})
+        labels = _tensor(target["labels"], torch.int64).tolist()
+        difficult = target.get("difficult")
+        crowd = [0] * len(labels) if difficult is None else _tensor(
+            difficult, torch.int64).tolist()
+        for box, label, is_crowd in zip(xywh(target["boxes"]), labels, crowd, strict=True):
+            gts.append({"id": len(gts) + 1, "image_id": index, "category_id": label,
+                        "bbox": box, "area": box[2] * box[3], "iscrowd": int(is_crowd)})
+        scores = _tensor(pred["scores"], torch.float32).tolist()
+        for box, score, label in zip(xywh(pred["boxes"]), scores,
+                                     _tensor(pred["labels"], torch.int64).tolist(), strict=True):
+            dts.append({"id": len(dts) + 1, "image_id": index, "category_id": label,
+                        "bbox": box, "area": box[2] * box[3], "score": score, "iscrowd": 0})
+    categories = [{"id": c} for c in sorted({a["category_id"] for a in gts + dts})]
+    coco_gt, coco_dt = COCO(), COCO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for coco, anns in ((coco_gt, gts), (coco_dt, dts)):
+            coco.dataset = {"images": images, "annotations": anns, "categories": categories}
+            coco.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.areaRng = [[0.0, 1e10]]
+        evaluator.params.areaRngLbl = ["all"]
+        evaluator.params.maxDets = [100]
+        # torchmetrics' thresholds: float32 linspaces (0.55 is 0.550000011920929, ...)
+        evaluator.params.iouThrs = np.array(torch.linspace(0.5, 0.95, 10).tolist())
+        evaluator.params.recThrs = np.array(torch.linspace(0.0, 1.0, 101).tolist())
+        evaluator.evaluate()
+    return evaluator
+
+
+def _ap_triple(evaluator) -> tuple[float, float, float]:
+    """AP@[.50:.95], AP@.50, AP@.75 (percent) of an accumulated ``COCOeval``, as its
+    ``summarize`` reads them (the mean over the defined precisions)."""
+    precision = evaluator.eval["precision"][:, :, :, 0, 0]  # (T, R, K)
+    iou = list(np.round(evaluator.params.iouThrs, 2))
+
+    def mean(values: np.ndarray) -> float:
+        defined = values[values > -1]
+        return float(defined.mean()) * 100.0 if defined.size else math.nan
+
+    return mean(precision), mean(precision[iou.index(0.5)]), mean(precision[iou.index(0.75)])
+
+
+def detection_ci(predictions: Sequence[Mapping[str, Any]],
+                 targets: Sequence[Mapping[str, Any]], n_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict:
+    """95% bootstrap intervals over test images of AP, AP50 and AP75:
+    ``{"ap": [low, high], "ap50": ..., "ap75": ...}``.
+
+    COCO's matching of detections to boxes is per image, so pycocotools' ``evaluate`` runs
+    once; each resample (``n_resamples`` draws of N images with replacement from
+    ``numpy.random.default_rng(seed)``, as ``results.bootstrap``) re-runs only its
+    ``accumulate`` over the drawn images' per-image records, a drawn image counted as often
+    as it is drawn. Percentile intervals (``results.bootstrap.percentile_interval``)."""
+    from visionbench.results.bootstrap import percentile_interval
+
+    if n_resamples < 1:
+        raise ConfigError(f"detection: bootstrap resamples must be >= 1, got {n_resamples}")
+    evaluator = _coco_evaluated(predictions, targets)
+    n, per_image = len(targets), list(evaluator.evalImgs)
+    categories = len(evaluator.params.catIds)
+    rng = np.random.default_rng(seed)
+    stats = np.empty((n_resamples, 3))
+    for b in range(n_resamples):
+        drawn = rng.integers(0, n, size=n)
+        evaluator.evalImgs = [per_image[k * n + i] for k in range(categories) for i in drawn]
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.accumulate()
+        stats[b] = _ap_triple(evaluator)
+    return {key: list(percentile_interval(stats[:, j], level))
+            for j, key in enumerate(("ap", "ap50", "ap75"))}
 
 
 @torch.no_grad()

@@ -283,8 +283,10 @@ def read_history(metrics_csv: Path) -> list[dict]:
 def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_loader,
                  num_classes: int, cfg: dict, trainer_kwargs: dict, out_dir: Path,
                  callbacks: tuple = (), keep_model: bool = False,
-                 keep_samples: bool = True) -> dict:
-    """Fine-tune ``backbone`` with a new head, then test it.
+                 keep_samples: bool = True, test: bool = True) -> dict:
+    """Fine-tune ``backbone`` with a new head, then test it (``test=False``: not tested,
+    the result holds ``"epochs"``, ``"history"`` and the ``"model"``, for a fit on several
+    processes whose test runs on one, ``test_scores``).
 
     ``cfg["base_lr"]`` is MAE's blr: the absolute lr is blr * effective batch / 256, with the
     effective batch = loader batch size * accumulation * world size. Returns
@@ -317,6 +319,9 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
     )
     trainer.fit(model, train_dataloaders=datamodule_train_loader, val_dataloaders=val_loader)
     ensure_trained(trainer, "fine-tune")
+    if not test:
+        return {"epochs": cfg["epochs"],
+                "history": read_history(Path(logger.log_dir) / "metrics.csv"), "model": model}
     tested = trainer.test(model, dataloaders=test_loader, verbose=False)[0]
     result = {
         "test_top1": float(tested["test_top1"]),

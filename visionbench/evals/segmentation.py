@@ -57,6 +57,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from visionbench.data.batch import unpack
+from visionbench.distributed import rank_local
 from visionbench.errors import ConfigError
 from visionbench.evals.finetune import param_groups_lrd
 from visionbench.methods.schedule import ensure_trained, set_lr
@@ -580,8 +581,13 @@ def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes
                      protocol: str = "finetune", cfg: dict | None = None,
                      out_dir: Path | str = ".", trainer_kwargs: dict | None = None,
                      keep_model: bool = False, callbacks: tuple = (),
-                     keep_samples: bool = True) -> dict:
+                     keep_samples: bool = True,
+                     test_trainer_kwargs: dict | None = None) -> dict | None:
     """Train a segmentation protocol on ``backbone`` (in place: pass a fresh copy), then test.
+
+    ``test_trainer_kwargs``: ``trainer_kwargs`` may fit on several processes (DDP; pass
+    ``sync_batchnorm`` there for mmseg's ``SyncBN`` heads), and the test runs on rank 0 alone
+    on a trainer of these (one device) over the whole test set; the other ranks return None.
 
     Batches are ``(image (B, 3, H, W) normalized float, mask (B, H, W) long, 255 = ignore)``.
     ``cfg`` keys and defaults: ``SEGMENTATION_DEFAULTS`` (``epochs`` or ``max_steps`` is
@@ -617,7 +623,15 @@ def run_segmentation(backbone: nn.Module, train_loader, test_loader, num_classes
                         callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=train_loader)
     ensure_trained(trainer, f"segmentation {protocol}")
-    trainer.test(module, dataloaders=test_loader, verbose=False)
+    if test_trainer_kwargs is None:
+        trainer.test(module, dataloaders=test_loader, verbose=False)
+    elif trainer.global_rank != 0:
+        return None
+    else:
+        tester = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           **test_trainer_kwargs)
+        with rank_local(module):
+            tester.test(module, dataloaders=test_loader, verbose=False)
     result = {
         **module.test_scores,
         "epochs": int(trainer.current_epoch),

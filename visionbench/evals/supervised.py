@@ -84,7 +84,8 @@ class SupervisedClassifier(L.LightningModule):
 def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, num_classes: int,
                    cfg: dict, trainer_kwargs: dict, out_dir: Path,
                    callbacks: tuple = (), keep_model: bool = False, *,
-                   keep_samples: bool = True, seed: int | None = None) -> dict:
+                   keep_samples: bool = True, seed: int | None = None,
+                   test: bool = True) -> dict:
     """Train ``backbone`` (in place) with a linear head; returns test top-1/top-5 in percent
     (and with ``keep_model`` the trained ``SupervisedClassifier`` under ``"model"``). With
     ``keep_samples`` (the default) also the per-sample test hits, ``"samples": {"kind":
@@ -93,6 +94,8 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
     0 when None; ``visionbench.results.bootstrap``).
 
     A callback may stop training early (e.g. ``DivergenceMonitor``); the caller checks it.
+    ``test=False``: trained only, ``{"epochs", "model"}``, for a fit on several processes
+    whose test runs on one (``score_supervised``).
     """
     model = SupervisedClassifier(backbone, num_classes, **cfg)
     trainer = L.Trainer(
@@ -107,6 +110,16 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
     )
     trainer.fit(model, train_loader, val_loader)
     ensure_trained(trainer, "supervised training")
+    if not test:
+        return {"epochs": model.epochs, "model": model}
+    result = _scored(model, trainer, test_loader, keep_samples, seed)
+    if keep_model:
+        result["model"] = model
+    return result
+
+
+def _scored(model: SupervisedClassifier, trainer: L.Trainer, test_loader, keep_samples: bool,
+            seed: int | None) -> dict:
     model.eval()
     trainer.test(model, test_loader, verbose=False)
     result = {
@@ -118,6 +131,13 @@ def run_supervised(backbone: nn.Module, train_loader, val_loader, test_loader, n
     if keep_samples and samples is not None:
         with_samples(result, samples, seed)
     model.test_hits.reset()
-    if keep_model:
-        result["model"] = model
     return result
+
+
+def score_supervised(model: SupervisedClassifier, test_loader, trainer_kwargs: dict, *,
+                    keep_samples: bool = True, seed: int | None = None) -> dict:
+    """The test of a trained ``SupervisedClassifier`` (as ``run_supervised`` scores it) on
+    a trainer of its own (``trainer_kwargs``: one device)."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        **trainer_kwargs)
+    return _scored(model, trainer, test_loader, keep_samples, seed)

@@ -33,10 +33,10 @@ from visionbench.results.bootstrap import ci_from_samples
 # Metric names taken as metrics when they appear as plain keys of a result.
 METRICS = (
     "top1", "top5", "miou", "pixel_acc", "macc", "mce", "mean_top1", "auroc", "map",
-    "map_macro", "map_micro", "ap", "f1", "recall", "precision",
+    "map_macro", "map_micro", "ap", "ap50", "ap75", "f1", "recall", "precision",
 )  # fmt: skip
 PERCENT_METRICS = ("top1", "top5", "miou", "pixel_acc", "macc", "mce", "mean_top1", "map",
-                   "map_macro", "map_micro", "ap")
+                   "map_macro", "map_micro", "ap", "ap50", "ap75")
 ROW_FIELDS = ("init", "protocol", "metric", "value", "variant", "ci_low", "ci_high")
 
 

@@ -73,6 +73,12 @@ class Run:
     def trainer_kwargs(self, distributed: bool) -> dict:
         return trainer_kwargs(self.cfg, distributed)
 
+    @property
+    def sync_batchnorm(self) -> bool:
+        """Whether a DDP fit can synchronise BatchNorm: torch's SyncBatchNorm runs on CUDA
+        only, so on CPU processes (gloo) each rank normalizes over its own batch."""
+        return self.device.startswith("cuda")
+
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict:
         path = self.dir / "status.json"
@@ -329,7 +335,7 @@ def fit_stage(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every_n_epochs,
         accumulate_grad_batches=accumulate,
-        sync_batchnorm=sync_batchnorm,
+        sync_batchnorm=sync_batchnorm and run.sync_batchnorm,
         **kwargs,
     )
     resume = resume_checkpoint(ckpt_dir)

@@ -13,20 +13,24 @@ pretraining, frozen features -> linear-probe sweep and kNN, and the fine-tune. R
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.utils.data import Subset
 
 from visionbench.backbones import load_backbone_weights
+from visionbench.backbones.sealed import input_spec, seal
 from visionbench.data.datamodule import ImageClassificationDataModule
+from visionbench.data.images.scenes import SCENE_CLASSES, prepare_scenes
 from visionbench.data.images.shapes import prepare_shapes
+from visionbench.data.images.voc import VOC_CLASSES, VOCDetection
+from visionbench.distributed import agree, barrier, rank_local
 from visionbench.errors import ConfigError
+from visionbench.evals.detection import detection_ci, run_detection
 from visionbench.evals.features import cached_features
-from visionbench.evals.finetune import run_finetune
+from visionbench.evals.finetune import run_finetune, test_scores
 from visionbench.evals.knn import knn_protocol
 from visionbench.evals.linear_probe import linear_probe_sweep
 from visionbench.methods import build_method, method_class
@@ -39,47 +43,11 @@ from visionbench.runner.core import (
     Run,
     accumulation,
     build_encoder,
+    check_trainer_settings,
     fit_stage,
     is_global_zero,
     save_encoder,
 )
-
-# -- ranks --------------------------------------------------------------------------------------
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def barrier() -> None:
-    if distributed():
-        dist.barrier()
-
-
-def agree(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    if not distributed():
-        return flag
-    box = [flag]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
-
-
-@contextlib.contextmanager
-def rank_local():
-    """Rank 0's evaluation while the other ranks wait: torchmetrics' metrics made inside do
-    not all-gather across the (idle) process group."""
-    if not distributed():
-        yield
-        return
-    import torchmetrics.metric
-
-    original = torchmetrics.metric.jit_distributed_available
-    torchmetrics.metric.jit_distributed_available = lambda: False
-    try:
-        yield
-    finally:
-        torchmetrics.metric.jit_distributed_available = original
 
 
 def stage(run: Run, name: str, output: Path, fn: Callable[[], object], *,
@@ -118,7 +86,8 @@ def limited(loader, run: Run):
 def image_datamodule(run: Run, train_kind: str = "mae", batch_size: int | None = None,
                      auto_augment: str | None = None, reprob: float = 0.0,
                      crop_scale: tuple[float, float] = (0.08, 1.0),
-                     train_transform=None) -> ImageClassificationDataModule:
+                     train_transform=None,
+                     label_fraction: float = 1.0) -> ImageClassificationDataModule:
     """The labelled image set of ``run.cfg.data`` (``--data-root``, or the embedded
     ``shapes`` written once to the cache), with ``train_transform`` (a method's) or the image
     transform of ``train_kind``."""
@@ -139,7 +108,7 @@ def image_datamodule(run: Run, train_kind: str = "mae", batch_size: int | None =
         batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=run.cfg.seed,
         train_kind=train_kind, auto_augment=auto_augment, reprob=reprob, crop_scale=crop_scale,
-        train_transform=train_transform)
+        train_transform=train_transform, label_fraction=label_fraction)
     dm.setup()
     return dm
 
@@ -222,19 +191,26 @@ def device(run: Run) -> str:
     return "cuda" if run.device.startswith("cuda") else "cpu"
 
 
+def sealed_backbone(backbone: torch.nn.Module, dm) -> torch.nn.Module:
+    """``backbone`` with its input normalization sealed in: the one a protocol sealed
+    already, else the data's (``dm.input_spec``), so it reads ``dm``'s raw loaders."""
+    return backbone if input_spec(backbone) is not None else seal(backbone, dm.input_spec)
+
+
 def features(run: Run, name: str, backbone_fn: Callable[[], torch.nn.Module], dm,
              folder: Path) -> dict:
-    """Frozen features of every split, cached once in ``folder/<split>.pt``."""
+    """Frozen features of every split, cached once in ``folder/<split>.pt``. The encoder
+    carries its input normalization (``sealed_backbone``) and reads unnormalized images."""
     e = run.cfg.eval
     backbone = None
     feats = {}
     for split in ("train", "val", "test"):
         path = folder / f"{split}.pt"
         if backbone is None and not path.is_file():
-            backbone = backbone_fn().to(device(run))
+            backbone = sealed_backbone(backbone_fn(), dm).to(device(run))
         run.log(f"[{name}] features of the {split} split")
-        feats[split] = cached_features(path, backbone, limited(dm.eval_dataloader(split), run),
-                                       e.pooling, e.last_k, device(run))
+        loader = limited(dm.eval_dataloader(split, raw=True), run)
+        feats[split] = cached_features(path, backbone, loader, e.pooling, e.last_k, device(run))
     return feats
 
 
@@ -286,46 +262,161 @@ def knn(run: Run, name: str, backbone_fn, dm, out: Path,
     stage(run, f"knn:{name}", out / "knn.json", fit)
 
 
-def finetune_datamodule(run: Run) -> ImageClassificationDataModule:
-    """The training images through MAE's fine-tune transform (``eval.finetune``)."""
+def finetune_datamodule(run: Run, label_fraction: float = 1.0) -> ImageClassificationDataModule:
+    """The training images (``label_fraction`` of them, class-stratified) through MAE's
+    fine-tune transform (``eval.finetune``)."""
     ft = run.cfg.eval.finetune
     return image_datamodule(run, train_kind="finetune", batch_size=ft.batch_size,
-                            auto_augment=ft.auto_augment, reprob=ft.reprob)
+                            auto_augment=ft.auto_augment, reprob=ft.reprob,
+                            label_fraction=label_fraction)
+
+
+def label_percent(fraction: float) -> str:
+    """0.05 -> ``"5%"``."""
+    return f"{round(fraction * 100, 6):g}%"
+
+
+def finetune_file(fraction: float) -> str:
+    """The fine-tune result of one label fraction: ``finetune.json`` with every label,
+    ``finetune_labels5.json`` with 5 % of them."""
+    return "finetune.json" if fraction == 1.0 else \
+        f"finetune_labels{round(fraction * 100, 6):g}.json"
+
+
+def finetune_variant(run: Run, fraction: float) -> dict:
+    """``labels=<pct>%`` when the run sweeps label fractions, else no variant."""
+    return {} if run.cfg.eval.finetune.label_fractions == [1.0] else \
+        {"labels": label_percent(fraction)}
 
 
 def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: tuple = (),
-                          keep_model: bool = False, encoder_file: Path | None = None) -> dict:
+                          keep_model: bool = False, encoder_file: Path | None = None,
+                          on_all_ranks: bool = False) -> dict:
     """``eval.finetune`` (MAE's recipe) of the ``init`` backbone, its effective batch by
-    accumulation, the norm schedules bound to it."""
+    accumulation, the norm schedules bound to it. ``on_all_ranks``: fitted on every rank of
+    ``trainer`` (DDP), not tested; the result keeps the ``"model"`` for ``finetune_test``."""
     ft = run.cfg.eval.finetune
     backbone = evaluation_backbone(run, init, ft.drop_path_rate, finetune=True,
                                    encoder_file=encoder_file)
-    accumulate = accumulation(ft.effective_batch_size, ft.batch_size, 1,
-                              "eval.finetune.effective_batch_size")
+    world = check_trainer_settings(run.cfg) if on_all_ranks else 1
+    accumulate = accumulation(
+        None if run.cfg.trainer.fast_dev_run else ft.effective_batch_size, ft.batch_size,
+        world, "eval.finetune.effective_batch_size")
     return run_finetune(
         backbone, ft_dm.train_dataloader(), ft_dm.val_dataloader(), ft_dm.test_dataloader(),
         ft_dm.num_classes,
         {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
-                                  "effective_batch_size", "auto_augment", "reprob"}),
+                                  "effective_batch_size", "auto_augment", "reprob",
+                                  "label_fractions"}),
          "seed": run.cfg.seed},
-        {**run.trainer_kwargs(distributed=False), "accumulate_grad_batches": accumulate},
-        out_dir, callbacks=(NormSchedules(run.log), *callbacks), keep_model=keep_model)
+        {**run.trainer_kwargs(distributed=on_all_ranks), "accumulate_grad_batches": accumulate},
+        out_dir, callbacks=(NormSchedules(run.log), *callbacks), keep_model=keep_model,
+        test=not on_all_ranks)
+
+
+def finetune_test(run: Run, fitted: dict, ft_dm) -> dict:
+    """On rank 0, alone: the test of a ``distributed`` fine-tune (``fitted`` from
+    ``run_finetune_protocol``), merged into its result (the model left out)."""
+    model = fitted.pop("model")
+    with rank_local(model):
+        scores = test_scores(model, ft_dm.test_dataloader(),
+                             {**run.trainer_kwargs(distributed=False),
+                              "enable_progress_bar": False}, seed=run.cfg.seed)
+    return {**scores, **fitted}
 
 
 def finetune(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:
-    """Stage: the fine-tune of ``init`` (``out/finetune.json``), on rank 0."""
-    def fit() -> None:
-        run.log(f"[{init_name(run, init)}] fine-tune, {run.cfg.eval.finetune.epochs} epochs")
-        result = run_finetune_protocol(run, finetune_datamodule(run), init,
-                                       out / "finetune_logs", encoder_file=encoder_file)
-        atomic_write_json(out / "finetune.json", result)
+    """Stages: the fine-tune of ``init`` on each of ``eval.finetune.label_fractions`` of
+    the training labels (``out/finetune.json``, ``out/finetune_labels<pct>.json``), fitted
+    on every rank (DDP), tested on rank 0."""
+    name = init_name(run, init)
+    for fraction in run.cfg.eval.finetune.label_fractions:
+        file = finetune_file(fraction)
+        labels = "" if fraction == 1.0 else f":labels={label_percent(fraction)}"
 
-    stage(run, f"finetune:{init_name(run, init)}", out / "finetune.json", fit)
+        def fit(fraction: float = fraction, file: str = file) -> None:
+            dm = finetune_datamodule(run, fraction)
+            run.log(f"[{name}] fine-tune on {label_percent(fraction)} of the labels "
+                    f"({len(dm.splits.train)} images), {run.cfg.eval.finetune.epochs} epochs")
+            fitted = run_finetune_protocol(run, dm, init, out / f"{Path(file).stem}_logs",
+                                           encoder_file=encoder_file, on_all_ranks=True)
+            if not is_global_zero():
+                return
+            result = finetune_test(run, fitted, dm)
+            result["label_fraction"] = fraction
+            result["train_images"] = len(dm.splits.train)
+            atomic_write_json(out / file, result)
+
+        stage(run, f"finetune:{name}{labels}", out / file, fit, train=True)
+
+
+def detection_folder(cfg) -> Path | None:
+    """``eval.detection``'s VOC folder: ``root``, else ``<data.root>/voc``; None: the
+    embedded scenes."""
+    det = cfg.eval.detection
+    if det.root is not None:
+        return Path(det.root)
+    return Path(cfg.data.root) / "voc" if cfg.data.root is not None else None
+
+
+def read_detection_sets(cfg, root: Path) -> tuple[VOCDetection, VOCDetection, list[str]]:
+    """The train and test splits of the VOC folder ``root`` and their classes (every
+    annotation parsed: a broken folder is a DataError here)."""
+    det = cfg.eval.detection
+    classes = list(det.classes or VOC_CLASSES)
+    return (VOCDetection(root, det.train_split, classes),
+            VOCDetection(root, det.test_split, classes), classes)
+
+
+def detection_sets(run: Run) -> tuple[VOCDetection, VOCDetection, list[str]]:
+    """The train and test splits of ``eval.detection``'s data (``detection_folder``, or
+    the embedded scenes written once to the cache) and its classes."""
+    det = run.cfg.eval.detection
+    root = detection_folder(run.cfg)
+    if root is not None:
+        return read_detection_sets(run.cfg, root)
+    s = det.scenes
+    run.log("preparing the embedded multi-object scenes (VOC layout, written once)")
+    root = prepare_scenes(s.image_size, run.cfg.seed, s.n_trainval, s.n_test)
+    classes = list(det.classes or SCENE_CLASSES)
+    return (VOCDetection(root, det.train_split, classes),
+            VOCDetection(root, det.test_split, classes), classes)
+
+
+def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:
+    """Stage: Faster R-CNN on the ``init`` backbone (``out/detection.json``), with
+    bootstrap intervals of AP / AP50 / AP75 over test images. A ``--fast-dev-run`` trains
+    2 steps and tests 2 images."""
+    det = run.cfg.eval.detection
+
+    def fit() -> None:
+        train, test, classes = detection_sets(run)
+        dry = run.cfg.trainer.fast_dev_run
+        if dry:
+            test = Subset(test, range(min(2, len(test))))
+        run.log(f"[{init_name(run, init)}] detection ({det.arch}, {det.norm}), "
+                f"{len(train)} training / {len(test)} test images")
+        result = run_detection(
+            evaluation_backbone(run, init, encoder_file=encoder_file), train, test,
+            len(classes), arch=det.arch, norm=det.norm, image_size=det.image_size,
+            train_sizes=det.train_sizes, max_size=det.max_size,
+            epochs=None if dry else det.epochs, max_steps=2 if dry else det.max_steps,
+            batch_size=det.batch_size, lr=det.lr,
+            precise_bn_iters=min(det.precise_bn_iters, 2) if dry else det.precise_bn_iters,
+            fpn_channels=det.fpn_channels, box_fc_dim=det.box_fc_dim,
+            rpn_batch_size=det.rpn_batch_size, roi_batch_size=det.roi_batch_size,
+            mean=run.cfg.data.mean, std=run.cfg.data.std, class_names=classes,
+            seed=run.cfg.seed, device=device(run), num_workers=run.cfg.data.num_workers)
+        result["ci"] = detection_ci(result["predictions"], result["targets"],
+                                    det.bootstrap_resamples, run.cfg.seed)
+        atomic_write_json(out / "detection.json", result)
+
+    stage(run, f"detection:{init_name(run, init)}", out / "detection.json", fit)
 
 
 def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
-    """The classification transfer protocols of ``eval`` on one init: linear probe, kNN and
-    (when enabled) fine-tune; their JSONs in ``evals/<init>/`` (returned)."""
+    """The transfer protocols of ``eval`` on one init: linear probe, kNN, and (when
+    enabled) fine-tune and detection; their JSONs in ``evals/<init>/`` (returned)."""
     name = init_name(run, init)
     out = run.dir / "evals" / name
 
@@ -336,6 +427,8 @@ def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
     knn(run, name, backbone, dm, out)
     if run.cfg.eval.finetune.enabled:
         finetune(run, init, out, encoder_file)
+    if run.cfg.eval.detection is not None and run.cfg.eval.detection.enabled:
+        detection(run, init, out, encoder_file)
     return out
 
 
@@ -346,7 +439,16 @@ def transfer_rows(run: Run, init: str, out: Path) -> list[dict]:
                             protocol="linear_probe", metrics=("top1", "top5"), seed=seed)
     rows += rows_from_result(read_json(out / "knn.json"), init=name, protocol="knn",
                              metrics=("top1", "top5"), seed=seed)
-    if (out / "finetune.json").is_file():
-        rows += rows_from_result(read_json(out / "finetune.json"), init=name,
-                                 protocol="finetune", metrics=("top1", "top5"), seed=seed)
+    for fraction in run.cfg.eval.finetune.label_fractions:
+        if (out / finetune_file(fraction)).is_file():
+            rows += rows_from_result(read_json(out / finetune_file(fraction)), init=name,
+                                     protocol="finetune", metrics=("top1", "top5"), seed=seed,
+                                     variant=finetune_variant(run, fraction))
+    if (out / "detection.json").is_file():
+        result = read_json(out / "detection.json")
+        config = result["config"]
+        rows += rows_from_result({**result["metrics"], "ci": result.get("ci")}, init=name,
+                                 protocol="detection", metrics=("ap", "ap50", "ap75"),
+                                 variant={"arch": config["arch"], "norm": config["norm"]},
+                                 seed=seed)
     return rows

@@ -3,7 +3,10 @@ its registry entry's ``recipe``; a recipe takes the run and returns ``(results, 
 Optional preflights check the data before a run folder exists."""
 
 from visionbench.runner.recipes.alpha_bn import check_alpha_bn_data, run_alpha_bn
-from visionbench.runner.recipes.classification import run_classification
+from visionbench.runner.recipes.classification import (
+    check_classification_data,
+    run_classification,
+)
 from visionbench.runner.recipes.ln_removal import run_ln_removal
 from visionbench.runner.recipes.norm_ablation import run_norm_ablation
 from visionbench.runner.recipes.unip_infrared import check_unip_data, run_unip_infrared
@@ -15,6 +18,7 @@ RECIPES = {
     "alpha_bn": run_alpha_bn,
     "ln_removal": run_ln_removal,
 }
-PREFLIGHTS = {"unip_infrared": check_unip_data, "alpha_bn": check_alpha_bn_data}
+PREFLIGHTS = {"classification": check_classification_data, "unip_infrared": check_unip_data,
+              "alpha_bn": check_alpha_bn_data}
 
 __all__ = ["PREFLIGHTS", "RECIPES"]

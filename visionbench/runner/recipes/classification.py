@@ -31,6 +31,13 @@ def reconstruction_figure(run: Run, dm):
     return draw
 
 
+def check_classification_data(cfg) -> None:
+    """Before a run folder exists: the detection stage's VOC folder reads."""
+    det = cfg.eval.detection
+    if det is not None and det.enabled and stages.detection_folder(cfg) is not None:
+        stages.read_detection_sets(cfg, stages.detection_folder(cfg))
+
+
 def run_classification(run: Run) -> tuple[list[dict], int | None]:
     cfg = run.cfg
     pretrains = "pretrained" in cfg.eval.inits and not cfg.model.weights

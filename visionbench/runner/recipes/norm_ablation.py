@@ -25,14 +25,14 @@ from visionbench.analysis.layers import BlockStatsCallback, DivergenceMonitor
 from visionbench.backbones import create_backbone
 from visionbench.backbones.resnet import EVONORMS, preact_name
 from visionbench.errors import ConfigError
-from visionbench.evals.supervised import run_supervised
+from visionbench.evals.supervised import run_supervised, score_supervised
 from visionbench.norms.conversions import convert_to_crmsnorm
 from visionbench.norms.schedules import NormSchedules
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
 from visionbench.runner import stages
-from visionbench.runner.core import Run, build_encoder, is_global_zero
+from visionbench.runner.core import Run, build_encoder, check_trainer_settings, is_global_zero
 
 RESULT_FILE = "result.json"
 
@@ -107,11 +107,13 @@ def conv_entry(run: Run, norm: str, preact: bool = False) -> dict:
     arch = conv_architecture(c.backbone, norm, preact)
     out = run.dir / "entries" / f"{arch}-{norm}"
     stages.stage(run, f"entry:{arch}/{norm}", out / RESULT_FILE,
-                 lambda: train_conv_entry(run, norm, arch, out))
+                 lambda: train_conv_entry(run, norm, arch, out), train=True)
     return read_json(out / RESULT_FILE)
 
 
 def train_conv_entry(run: Run, norm: str, arch: str, out: Path) -> None:
+    """Fits on every rank (DDP: the lr follows the batch of all ranks, 0.1 x batch x world /
+    256); rank 0 tests the trained model and writes the record."""
     c = run.cfg.ablation.conv
     run.log(f"[{arch}/{norm}] supervised training, {c.epochs} epochs")
     dm = stages.image_datamodule(run, train_kind="supervised", batch_size=c.batch_size,
@@ -122,17 +124,24 @@ def train_conv_entry(run: Run, norm: str, arch: str, out: Path) -> None:
                                norm_options=run.cfg.model.norm_options.get(norm), **kwargs)
     monitor = DivergenceMonitor()
     started = time.time()
+    protocol = c.protocol()
+    protocol["lr"] *= check_trainer_settings(run.cfg)  # the world size
     result = run_supervised(
         backbone, dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(),
-        dm.num_classes,
-        c.protocol(), run.trainer_kwargs(distributed=False), out,
-        callbacks=(monitor, NormSchedules(run.log)),
+        dm.num_classes, protocol, run.trainer_kwargs(distributed=True), out,
+        callbacks=(monitor, NormSchedules(run.log)), test=False,
     )
+    if not is_global_zero():
+        return
     record = {"norm": norm, "backbone": arch, "train_s": round(time.time() - started, 1)}
     if monitor.diverged_at is not None:
         record.update(status="diverged", diverged_at_step=monitor.diverged_at,
                       loss=str(monitor.loss))
     else:
+        model = result.pop("model")
+        with stages.rank_local(model):
+            result = {**score_supervised(model, dm.test_dataloader(),
+                                         run.trainer_kwargs(distributed=False)), **result}
         record.update(status="finished", supervised=result)
     atomic_write_json(out / RESULT_FILE, record)
 

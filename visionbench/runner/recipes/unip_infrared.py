@@ -308,7 +308,8 @@ def segmentation_stage(run: Run, student: str, dataset: str, root: Path,
         stages.stage(run, f"segmentation:{student}:{dataset}:{protocol}",
                      out / f"{protocol}.json",
                      lambda protocol=protocol, out=out: segment(run, student, dataset, root,
-                                                               figure_images, protocol, out))
+                                                               figure_images, protocol, out),
+                     train=True)
 
 
 def segment(run: Run, student: str, dataset: str, root: Path,
@@ -325,11 +326,19 @@ def segment(run: Run, student: str, dataset: str, root: Path,
     keep = protocol == "finetune" and figure_images is not None
     result = run_segmentation(backbone, train, test, num_classes, protocol,
                               protocol_cfg(run, protocol, dataset), out / f"{protocol}_logs",
-                              run.trainer_kwargs(distributed=False), keep_model=keep,
-                              callbacks=(NormSchedules(run.log),))
+                              {**run.trainer_kwargs(distributed=True),
+                               "sync_batchnorm": run.sync_batchnorm},  # mmseg's SyncBN
+                              keep_model=keep,
+                              callbacks=(NormSchedules(run.log),),
+                              test_trainer_kwargs=run.trainer_kwargs(distributed=False))
+    if result is None:  # a rank other than 0: rank 0 tests and writes
+        return
     if keep:
         model = result.pop("model")
-        masks = predict_masks(model, figure_images, inference="whole")
+        # the protocol's own inference: whole images of the paper's sets exceed a fixed-size
+        # ViT's input, slide windows of the crop size over them as the test did
+        masks = predict_masks(model, figure_images, inference=p.inference,
+                              crop=run.cfg.eval.segmentation.crop_size, stride=p.stride)
         torch.save(masks, out / "predicted_masks.pt")
     result["classes"] = classes
     atomic_write_json(out / f"{protocol}.json", result)

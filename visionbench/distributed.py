@@ -1,0 +1,56 @@
+"""Ranks of a distributed run (DDP, torchrun, SLURM): whether a process group is up, a
+barrier, rank 0's decision on every rank, and ``rank_local`` for an evaluation rank 0 runs
+alone while the others wait."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if not distributed():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+@contextlib.contextmanager
+def rank_local(*modules: torch.nn.Module):
+    """Rank 0's evaluation while the other ranks wait: torchmetrics' metrics made inside,
+    and those of ``modules`` (made before, e.g. during a DDP fit), do not all-gather across
+    the (idle) process group."""
+    if not distributed():
+        yield
+        return
+    import torchmetrics.metric
+
+    def local() -> bool:
+        return False
+
+    made = [m for module in modules for m in module.modules()
+            if isinstance(m, torchmetrics.Metric)]
+    saved = [m.distributed_available_fn for m in made]
+    original = torchmetrics.metric.jit_distributed_available
+    torchmetrics.metric.jit_distributed_available = local
+    for metric in made:
+        metric.distributed_available_fn = local
+    try:
+        yield
+    finally:
+        torchmetrics.metric.jit_distributed_available = original
+        for metric, fn in zip(made, saved, strict=True):
+            metric.distributed_available_fn = fn
