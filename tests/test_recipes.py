@@ -90,6 +90,11 @@ def test_paper_profiles_dry_run_on_real_data_layouts(tmp_path, tiny_imagefolder,
     if name == "pixpro":
         assert {"detection:pixpro", "detection:random"} <= set(status["stages"])
         assert cfg["eval"]["detection"]["arch"] == "c4"
+        results = json.loads((run / "metrics.json").read_text())["results"]
+        detection = [r for r in results if r["protocol"] == "detection"]
+        assert {r["metric"] for r in detection} == {"ap", "ap50", "ap75"}
+        assert {(r["dataset"], r["variant"]) for r in detection} == {
+            ("voc07+12", "arch=c4,norm=syncbn")}  # the reference rows' names
     if name == "selfie":  # the paper's low-label protocol: 5 / 10 / 20 / 100 % of the labels
         assert {f"finetune:selfie:labels={p}%" for p in (5, 10, 20)} | {"finetune:selfie"} \
             <= set(status["stages"])

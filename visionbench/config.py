@@ -155,6 +155,9 @@ class TrainerConfig(Strict):
     # every stage on two batches (Lightning's fast_dev_run across the recipe): a dry run that
     # checks a run's wiring and writes no leaderboard rows
     fast_dev_run: bool = False
+    # how long DDP ranks wait at a barrier while rank 0 runs an evaluation stage alone (the
+    # process group's timeout; Lightning's default is 30 minutes, an ImageNet probe is longer)
+    barrier_timeout_hours: float = Field(24.0, gt=0)
     precision: Literal["bf16-mixed", "16-mixed", "32-true", "32", "bf16-true", "64-true"] | None = (
         None
     )
@@ -180,6 +183,11 @@ class KNNConfig(Strict):
     k: int = Field(20, gt=0)
     temperature: float = Field(0.07, gt=0)
     majority_k: int = Field(5, gt=0)
+
+
+def label_percent(fraction: float) -> str:
+    """A label fraction as it names results and variants: 0.05 -> ``"5%"``."""
+    return f"{round(fraction * 100, 6):g}%"
 
 
 class FinetuneConfig(Strict):
@@ -209,8 +217,9 @@ class FinetuneConfig(Strict):
     def _distinct_fractions(cls, value: list[float]) -> list[float]:
         if not value:
             raise ValueError("give at least one fraction")
-        if len(set(value)) != len(value):
-            raise ValueError(f"fractions repeat: {value}")
+        names = [label_percent(f) for f in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fractions repeat (as percentages {names}): {value}")
         return value
 
 
@@ -378,6 +387,7 @@ class DetectionConfig(Strict):
 
     enabled: bool = True
     root: str | None = None
+    dataset: str = "voc07+12"  # the rows' data-set name for a VOC folder ("scenes" embedded)
     classes: list[str] | None = None  # None: VOC's 20 (the scenes' own when embedded)
     train_split: str = "trainval"
     test_split: str = "test"

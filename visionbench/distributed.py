@@ -5,6 +5,7 @@ alone while the others wait."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,14 @@ import torch.distributed as dist
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes of the run: the process group's size, or before it exists the launcher's
+    ``WORLD_SIZE`` (torchrun, Lightning's launcher), else 1."""
+    if distributed():
+        return dist.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def barrier() -> None:

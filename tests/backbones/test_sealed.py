@@ -93,3 +93,18 @@ def test_bad_specs_and_inputs():
         seal(torch.nn.Linear(3, 3), InputSpec.of(MEAN, STD))
     with pytest.raises(ValueError, match="eval transforms only"):
         build_transform(32, 3, MEAN, STD, train=True, normalize=False)
+
+
+def test_a_deep_copy_of_a_sealed_encoder_normalizes_with_its_own_copy():
+    import copy
+
+    sealed = seal(vit(), InputSpec.of(MEAN, STD))
+    twin = copy.deepcopy(sealed).to(torch.float64)  # the original stays float32
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert twin(x.double()).dtype == torch.float64
+        assert torch.equal(sealed(x), vit()(normalized(x)))
+    unseal(twin)  # removes the copy's hook, not the original's
+    assert input_spec(sealed) is not None
+    with torch.no_grad():
+        assert torch.equal(sealed(x), vit()(normalized(x)))

@@ -112,12 +112,12 @@ class DivergenceMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        value = float(loss.detach())
-        finite = bool(math.isfinite(value))
+        value = math.nan if loss is None else float(loss.detach())
+        finite = loss is None or math.isfinite(value)  # a skipped step is no divergence
         if trainer.world_size > 1:  # every rank stops at the same step (DDP)
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+            if not finite and math.isfinite(value):
+                value = math.nan  # another rank's loss was the non-finite one
         if not finite:
             self.diverged_at, self.loss = self._step, value
             trainer.should_stop = True

@@ -31,7 +31,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 @dataclass(frozen=True)
 class InputSpec:
     """What the encoder expects: ``(x * scale - mean) / std`` per channel, at ``size``
-    (None: the size given) by ``interpolation`` (antialiased when downsampling)."""
+    (None: the size given) by ``interpolation`` (antialiased when downsampling, as
+    torchvision's ``Resize`` on tensors)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -76,10 +77,16 @@ class InputNormalization(nn.Module):
             mode = self.spec.interpolation
             smooth = mode != "nearest"
             x = F.interpolate(x, size=(size, size), mode=mode,
-                              align_corners=False if smooth else None, antialias=smooth)
+                              align_corners=False if smooth else None,
+                              antialias=smooth and size < min(x.shape[-2:]))
         if self.spec.scale != 1.0:
             x = x * self.spec.scale
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def pre_hook(self, _module: nn.Module, args: tuple) -> tuple:
+        """The forward pre-hook on the encoder's first layer (a bound method, so that a
+        deep copy of the encoder hooks its own copy of this module)."""
+        return (self(args[0]), *args[1:])
 
 
 def _stem(encoder: nn.Module) -> nn.Module:
@@ -100,8 +107,7 @@ def seal(encoder: nn.Module, spec: InputSpec) -> nn.Module:
     norm = InputNormalization(spec)
     stem = _stem(encoder)
     encoder.input_normalization = norm
-    encoder._input_normalization_hook = stem.register_forward_pre_hook(
-        lambda _module, args: (norm(args[0]), *args[1:]))
+    encoder._input_normalization_hook = stem.register_forward_pre_hook(norm.pre_hook)
     return encoder
 
 

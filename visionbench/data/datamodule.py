@@ -25,6 +25,7 @@ from visionbench.data.batch import sample_dict
 from visionbench.data.images.idx import IDXDataset
 from visionbench.data.images.imagefolder import ImageFolderDataset, class_folders, is_image_file
 from visionbench.data.transforms import ImageSample
+from visionbench.distributed import world_size
 from visionbench.errors import ConfigError, DataError
 
 IDX_FILES = {
@@ -530,7 +531,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,
+            # under DDP each rank's sampler holds len / world of them
+            drop_last=shuffle and len(dataset) // world_size() >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

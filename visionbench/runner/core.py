@@ -16,16 +16,18 @@ import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DDPStrategy
 
 from visionbench.backbones import create_backbone
 from visionbench.config import ExperimentConfig, to_dict, validate
+from visionbench.distributed import world_size
 from visionbench.errors import ConfigError, DataError, UserError, one_line
 from visionbench.methods.schedule import ensure_trained
 from visionbench.norms.schedules import NormSchedules
@@ -104,7 +106,10 @@ def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
     if t.fast_dev_run:  # Lightning's: two batches of each loop, one epoch, no checkpoints
         kw["fast_dev_run"] = 2
     if distributed:
-        kw.update(devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
+        strategy = t.strategy
+        if strategy == "ddp":  # Lightning's, with room for rank 0's evaluation stages
+            strategy = DDPStrategy(timeout=timedelta(hours=t.barrier_timeout_hours))
+        kw.update(devices=t.devices, strategy=strategy, num_nodes=t.num_nodes)
     else:  # evaluation stages run in this one process on one device
         kw.update(devices=1)
     return kw
@@ -157,7 +162,7 @@ def check_effective_batches(cfg: ExperimentConfig, world: int) -> None:
         accumulation(schedule.effective_batch_size, cfg.data.batch_size, world,
                      f"{key}.effective_batch_size")
     ft = cfg.eval.finetune
-    accumulation(ft.effective_batch_size, ft.batch_size, 1,  # the fine-tune runs on rank 0
+    accumulation(ft.effective_batch_size, ft.batch_size, world,
                  "eval.finetune.effective_batch_size")
 
 
@@ -268,7 +273,9 @@ def resume_checkpoint(ckpt_dir: Path) -> str | None:
 def fit_batch_size(run: Run, count: int, batch_size: int, label: str) -> int:
     """The batch a training stage can use on ``count`` samples: ``batch_size``, or all of them
     when there are fewer (said in the log), so no stage trains zero optimizer steps. Fewer than
-    two samples is a DataError (batch statistics need two)."""
+    two samples is a DataError (batch statistics need two). Under DDP each rank holds
+    ``count // world`` of them."""
+    count //= world_size()
     if count >= batch_size:
         return batch_size
     if count < 2:

@@ -22,6 +22,7 @@ from torch.utils.data import Subset
 
 from visionbench.backbones import load_backbone_weights
 from visionbench.backbones.sealed import input_spec, seal
+from visionbench.config import label_percent
 from visionbench.data.datamodule import ImageClassificationDataModule
 from visionbench.data.images.scenes import SCENE_CLASSES, prepare_scenes
 from visionbench.data.images.shapes import prepare_shapes
@@ -271,16 +272,11 @@ def finetune_datamodule(run: Run, label_fraction: float = 1.0) -> ImageClassific
                             label_fraction=label_fraction)
 
 
-def label_percent(fraction: float) -> str:
-    """0.05 -> ``"5%"``."""
-    return f"{round(fraction * 100, 6):g}%"
-
-
 def finetune_file(fraction: float) -> str:
     """The fine-tune result of one label fraction: ``finetune.json`` with every label,
     ``finetune_labels5.json`` with 5 % of them."""
     return "finetune.json" if fraction == 1.0 else \
-        f"finetune_labels{round(fraction * 100, 6):g}.json"
+        f"finetune_labels{label_percent(fraction)[:-1]}.json"
 
 
 def finetune_variant(run: Run, fraction: float) -> dict:
@@ -451,4 +447,8 @@ def transfer_rows(run: Run, init: str, out: Path) -> list[dict]:
                                  protocol="detection", metrics=("ap", "ap50", "ap75"),
                                  variant={"arch": config["arch"], "norm": config["norm"]},
                                  seed=seed)
+        dataset = "scenes" if detection_folder(run.cfg) is None else \
+            run.cfg.eval.detection.dataset
+        rows = [{**row, "dataset": dataset} if row["protocol"] == "detection" else row
+                for row in rows]
     return rows
