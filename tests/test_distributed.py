@@ -85,3 +85,20 @@ def test_norm_ablation_conv_entries_and_a_divergence_on_two_gloo_processes(tmp_p
     run = only_run(out)
     record = json.loads((run / "entries" / "resnet18-groupnorm" / "result.json").read_text())
     assert record["supervised"]["samples"]["n"] == 30  # the whole test split, on rank 0
+
+
+@pytest.mark.slow
+def test_alpha_bn_trains_its_source_model_on_two_gloo_processes(tmp_path):
+    from tests.test_alpha_bn import TOY as ALPHA_TOY
+
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench("run", "alpha-bn", *ALPHA_TOY, "--devices", "2", "--strategy", "ddp",
+                         "--set", "trainer.accelerator=cpu", "--out", str(out),
+                         "--leaderboard", str(board), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    run = only_run(out)
+    source = json.loads((run / "source" / "result.json").read_text())
+    assert source["samples"]["n"] == 40  # the whole test split (10 classes x 4), on rank 0
+    rows = read_leaderboard(board)
+    assert set(rows.protocol) >= {"alpha_bn"} and rows.value.notna().all()

@@ -24,7 +24,6 @@ Stages, each skipped on ``--resume`` once its output exists:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from visionbench.data.images.imagenet_c import CorruptedSet, prepare_corrupted
 from visionbench.data.images.shapes import prepare_shapes
 from visionbench.data.transforms import ImageSample
 from visionbench.errors import ConfigError
-from visionbench.evals.supervised import SupervisedClassifier, run_supervised
+from visionbench.evals.supervised import SupervisedClassifier, run_supervised, score_supervised
 from visionbench.norms.conversions import alpha_bn_applied
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_alpha_curves
@@ -46,6 +45,7 @@ from visionbench.runner import stages
 from visionbench.runner.core import (
     Run,
     build_encoder,
+    check_trainer_settings,
     dataset_name,
     is_global_zero,
     save_encoder,
@@ -74,24 +74,42 @@ def check_alpha_bn_data(cfg) -> None:
 # -- stages -------------------------------------------------------------------------------------
 
 
-def source_model(run: Run, num_classes: int) -> SupervisedClassifier:
-    """The source classifier: ``model.weights``, this run's trained one, or trained now."""
+def train_source(run: Run) -> None:
+    """Stage: the source classifier trained in the run (unless ``model.weights`` gives
+    one), on every rank (DDP: the lr follows the batch of all ranks); rank 0 tests it and
+    writes ``source/classifier.safetensors`` (backbone.* and head.*) and its result."""
+    if run.cfg.model.weights:
+        return
     a = run.cfg.alpha_bn
     out = run.dir / "source"
-    model = SupervisedClassifier(build_encoder(run), num_classes)
-    path = run.cfg.model.weights or (out / CLASSIFIER_FILE)
-    if not Path(path).is_file():
+
+    def fit() -> None:
         run.log(f"[source] supervised training with BatchNorm, {a.train.epochs} epochs")
         dm = stages.image_datamodule(run, train_kind="supervised", batch_size=a.train.batch_size,
                                      crop_scale=a.train.crop_scale)
+        model = SupervisedClassifier(build_encoder(run), dm.num_classes)
+        protocol = a.train.protocol()
+        protocol["lr"] *= check_trainer_settings(run.cfg)  # the world size
         result = run_supervised(model.backbone, dm.train_dataloader(), dm.val_dataloader(),
-                                dm.test_dataloader(), dm.num_classes, a.train.protocol(),
-                                run.trainer_kwargs(distributed=False), out,
-                                callbacks=(NormSchedules(run.log),), keep_model=True)
+                                dm.test_dataloader(), dm.num_classes, protocol,
+                                run.trainer_kwargs(distributed=True), out,
+                                callbacks=(NormSchedules(run.log),), test=False)
+        if not is_global_zero():
+            return
         model = result.pop("model")
-        save_encoder(model, out / CLASSIFIER_FILE)  # backbone.* and head.*
+        with stages.rank_local(model):
+            result = {**score_supervised(model, dm.test_dataloader(),
+                                         run.trainer_kwargs(distributed=False)), **result}
+        save_encoder(model, out / CLASSIFIER_FILE)
         atomic_write_json(out / "result.json", result)
-        model = SupervisedClassifier(build_encoder(run), num_classes)
+
+    stages.stage(run, "source", out / CLASSIFIER_FILE, fit, train=True)
+
+
+def source_model(run: Run, num_classes: int) -> SupervisedClassifier:
+    """The source classifier: ``model.weights``, or this run's trained one."""
+    model = SupervisedClassifier(build_encoder(run), num_classes)
+    path = run.cfg.model.weights or (run.dir / "source" / CLASSIFIER_FILE)
     run.log(load_classifier_weights(model.backbone, model.head, path))
     return model.eval()
 
@@ -264,7 +282,8 @@ def run_alpha_bn(run: Run) -> tuple[list[dict], int | None]:
     a = run.cfg.alpha_bn
     if a is None:
         raise ConfigError(f"{run.entry.config}: alpha-bn needs an 'alpha_bn' section")
-    if not is_global_zero():  # the source training and evaluation run on rank 0
+    train_source(run)
+    if not is_global_zero():  # the evaluation runs on rank 0
         stages.barrier()
         return [], None
     corrupted, clean = test_sets(run)
