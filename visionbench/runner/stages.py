@@ -311,7 +311,7 @@ def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: 
 
 
 def finetune_test(run: Run, fitted: dict, ft_dm) -> dict:
-    """On rank 0, alone: the test of a ``distributed`` fine-tune (``fitted`` from
+    """On rank 0, alone: the test of an ``on_all_ranks`` fine-tune (``fitted`` from
     ``run_finetune_protocol``), merged into its result (the model left out)."""
     model = fitted.pop("model")
     with rank_local(model):
