@@ -50,13 +50,14 @@ class PretrainModule(L.LightningModule):
     def from_config(cls, encoder, section, model, data) -> PretrainModule:
         """The module ``section`` (this method's config) describes around ``encoder``; ``model``
         and ``data`` are the experiment's model and data sections."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__}: a pretraining method defines from_config")
 
     @classmethod
     def train_transform(cls, section, data):
         """The callable that maps a reader's sample dict (``image``: PIL image, ``label``) to
         the training sample dict this method's ``pretrain_loss`` reads."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__}: a pretraining method defines its "
+                                  "train_transform")
 
     # -- methods override these ------------------------------------------------------------
     def pretrain_loss(self, batch, generator_seed: int | None = None) -> torch.Tensor:

@@ -34,6 +34,7 @@ from visionbench.evals.features import cached_features
 from visionbench.evals.finetune import run_finetune, test_scores
 from visionbench.evals.knn import knn_protocol
 from visionbench.evals.linear_probe import linear_probe_sweep
+from visionbench.evals.supervised import run_supervised, score_supervised
 from visionbench.methods import build_method, method_class
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.records import atomic_write_json, read_json
@@ -310,6 +311,28 @@ def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: 
         test=not on_all_ranks)
 
 
+def supervised_on_all_ranks(run: Run, backbone: torch.nn.Module, dm, protocol: dict,
+                            out: Path, callbacks: tuple = ()) -> dict:
+    """``run_supervised`` fitted on every rank (DDP; the lr follows the batch of all ranks,
+    as torchvision's recipe gives it for the total batch), not tested: ``{"epochs",
+    "model"}`` for ``supervised_test``."""
+    protocol = {**protocol, "lr": protocol["lr"] * check_trainer_settings(run.cfg)}
+    return run_supervised(backbone, dm.train_dataloader(), dm.val_dataloader(),
+                          dm.test_dataloader(), dm.num_classes, protocol,
+                          run.trainer_kwargs(distributed=True), out, callbacks=callbacks,
+                          test=False)
+
+
+def supervised_test(run: Run, fitted: dict, dm) -> tuple[dict, torch.nn.Module]:
+    """On rank 0, alone: the test of a ``supervised_on_all_ranks`` fit, merged into its
+    result (the model left out and returned beside it)."""
+    model = fitted.pop("model")
+    with rank_local(model):
+        scores = score_supervised(model, dm.test_dataloader(),
+                                  run.trainer_kwargs(distributed=False))
+    return {**scores, **fitted}, model
+
+
 def finetune_test(run: Run, fitted: dict, ft_dm) -> dict:
     """On rank 0, alone: the test of an ``on_all_ranks`` fine-tune (``fitted`` from
     ``run_finetune_protocol``), merged into its result (the model left out)."""
@@ -355,11 +378,13 @@ def detection_folder(cfg) -> Path | None:
     return Path(cfg.data.root) / "voc" if cfg.data.root is not None else None
 
 
-def read_detection_sets(cfg, root: Path) -> tuple[VOCDetection, VOCDetection, list[str]]:
-    """The train and test splits of the VOC folder ``root`` and their classes (every
-    annotation parsed: a broken folder is a DataError here)."""
+def read_detection_sets(cfg, root: Path, default_classes=VOC_CLASSES
+                        ) -> tuple[VOCDetection, VOCDetection, list[str]]:
+    """The train and test splits of the VOC folder ``root`` and their classes
+    (``eval.detection.classes``, else ``default_classes``; every annotation parsed: a broken
+    folder is a DataError here)."""
     det = cfg.eval.detection
-    classes = list(det.classes or VOC_CLASSES)
+    classes = list(det.classes or default_classes)
     return (VOCDetection(root, det.train_split, classes),
             VOCDetection(root, det.test_split, classes), classes)
 
@@ -374,9 +399,7 @@ def detection_sets(run: Run) -> tuple[VOCDetection, VOCDetection, list[str]]:
     s = det.scenes
     run.log("preparing the embedded multi-object scenes (VOC layout, written once)")
     root = prepare_scenes(s.image_size, run.cfg.seed, s.n_trainval, s.n_test)
-    classes = list(det.classes or SCENE_CLASSES)
-    return (VOCDetection(root, det.train_split, classes),
-            VOCDetection(root, det.test_split, classes), classes)
+    return read_detection_sets(run.cfg, root, SCENE_CLASSES)
 
 
 def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:

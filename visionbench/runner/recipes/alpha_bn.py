@@ -36,7 +36,7 @@ from visionbench.data.images.imagenet_c import CorruptedSet, prepare_corrupted
 from visionbench.data.images.shapes import prepare_shapes
 from visionbench.data.transforms import ImageSample
 from visionbench.errors import ConfigError
-from visionbench.evals.supervised import SupervisedClassifier, run_supervised, score_supervised
+from visionbench.evals.supervised import SupervisedClassifier
 from visionbench.norms.conversions import alpha_bn_applied
 from visionbench.norms.schedules import NormSchedules
 from visionbench.results.figures import save_alpha_curves
@@ -45,7 +45,6 @@ from visionbench.runner import stages
 from visionbench.runner.core import (
     Run,
     build_encoder,
-    check_trainer_settings,
     dataset_name,
     is_global_zero,
     save_encoder,
@@ -88,18 +87,11 @@ def train_source(run: Run) -> None:
         dm = stages.image_datamodule(run, train_kind="supervised", batch_size=a.train.batch_size,
                                      crop_scale=a.train.crop_scale)
         model = SupervisedClassifier(build_encoder(run), dm.num_classes)
-        protocol = a.train.protocol()
-        protocol["lr"] *= check_trainer_settings(run.cfg)  # the world size
-        result = run_supervised(model.backbone, dm.train_dataloader(), dm.val_dataloader(),
-                                dm.test_dataloader(), dm.num_classes, protocol,
-                                run.trainer_kwargs(distributed=True), out,
-                                callbacks=(NormSchedules(run.log),), test=False)
+        fitted = stages.supervised_on_all_ranks(run, model.backbone, dm, a.train.protocol(),
+                                                out, callbacks=(NormSchedules(run.log),))
         if not is_global_zero():
             return
-        model = result.pop("model")
-        with stages.rank_local(model):
-            result = {**score_supervised(model, dm.test_dataloader(),
-                                         run.trainer_kwargs(distributed=False)), **result}
+        result, model = stages.supervised_test(run, fitted, dm)
         save_encoder(model, out / CLASSIFIER_FILE)
         atomic_write_json(out / "result.json", result)
 

@@ -25,14 +25,13 @@ from visionbench.analysis.layers import BlockStatsCallback, DivergenceMonitor
 from visionbench.backbones import create_backbone
 from visionbench.backbones.resnet import EVONORMS, preact_name
 from visionbench.errors import ConfigError
-from visionbench.evals.supervised import run_supervised, score_supervised
 from visionbench.norms.conversions import convert_to_crmsnorm
 from visionbench.norms.schedules import NormSchedules
 from visionbench.norms.token import fold_norms_
 from visionbench.results.figures import save_block_profile_figure
 from visionbench.results.records import atomic_write_json, atomic_write_text, read_json
 from visionbench.runner import stages
-from visionbench.runner.core import Run, build_encoder, check_trainer_settings, is_global_zero
+from visionbench.runner.core import Run, build_encoder, is_global_zero
 
 RESULT_FILE = "result.json"
 
@@ -124,13 +123,8 @@ def train_conv_entry(run: Run, norm: str, arch: str, out: Path) -> None:
                                norm_options=run.cfg.model.norm_options.get(norm), **kwargs)
     monitor = DivergenceMonitor()
     started = time.time()
-    protocol = c.protocol()
-    protocol["lr"] *= check_trainer_settings(run.cfg)  # the world size
-    result = run_supervised(
-        backbone, dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(),
-        dm.num_classes, protocol, run.trainer_kwargs(distributed=True), out,
-        callbacks=(monitor, NormSchedules(run.log)), test=False,
-    )
+    result = stages.supervised_on_all_ranks(run, backbone, dm, c.protocol(), out,
+                                            callbacks=(monitor, NormSchedules(run.log)))
     if not is_global_zero():
         return
     record = {"norm": norm, "backbone": arch, "train_s": round(time.time() - started, 1)}
@@ -138,11 +132,7 @@ def train_conv_entry(run: Run, norm: str, arch: str, out: Path) -> None:
         record.update(status="diverged", diverged_at_step=monitor.diverged_at,
                       loss=str(monitor.loss))
     else:
-        model = result.pop("model")
-        with stages.rank_local(model):
-            result = {**score_supervised(model, dm.test_dataloader(),
-                                         run.trainer_kwargs(distributed=False)), **result}
-        record.update(status="finished", supervised=result)
+        record.update(status="finished", supervised=stages.supervised_test(run, result, dm)[0])
     atomic_write_json(out / RESULT_FILE, record)
 
 
