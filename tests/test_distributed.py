@@ -102,3 +102,43 @@ def test_alpha_bn_trains_its_source_model_on_two_gloo_processes(tmp_path):
     assert source["samples"]["n"] == 40  # the whole test split (10 classes x 4), on rank 0
     rows = read_leaderboard(board)
     assert set(rows.protocol) >= {"alpha_bn"} and rows.value.notna().all()
+
+
+@pytest.mark.slow
+def test_ln_removal_finetunes_on_two_gloo_processes(tmp_path):
+    """Both fine-tunes (with FakeLN's schedule) fit on both ranks; rank 0 tests, folds and
+    writes each stage once."""
+    from tests.test_ln_removal import TOY as LN_TOY
+
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench("run", "ln-removal", *LN_TOY, "--set", "eval.finetune.batch_size=8",
+                         "--devices", "2", "--strategy", "ddp",
+                         "--set", "trainer.accelerator=cpu", "--out", str(out),
+                         "--leaderboard", str(board), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    run = only_run(out)
+    stages = json.loads((run / "status.json").read_text())["stages"]
+    assert {"vanilla", "removed_without_finetune", "ln_free"} <= set(stages)
+    ln_free = json.loads((run / "evals" / "ln_free" / "result.json").read_text())
+    assert ln_free["samples"]["n"] == 30  # the whole test split, on rank 0
+    assert ln_free["max_abs_logit_change"] < 1e-4
+    assert ln_free["fake_scores"]["test_top1"] == pytest.approx(ln_free["test_top1"], abs=1e-6)
+    rows = read_leaderboard(board)
+    assert len(rows) == 7 and rows.value.notna().all()
+
+
+@pytest.mark.slow
+def test_pixpro_detection_trains_on_two_gloo_processes(tmp_path):
+    """Detection's own loop (Fabric) on both ranks, each with its half of the batch; rank 0
+    tests once (a dry run of the whole recipe)."""
+    from tests.test_recipes import dry_run
+
+    run, status = dry_run(tmp_path, "pixpro", "--devices", "2", "--strategy", "ddp",
+                          "--set", "trainer.accelerator=cpu",
+                          "--set", "eval.detection.batch_size=4")
+    assert {"detection:pixpro", "detection:random"} <= set(status["stages"])
+    result = json.loads((run / "evals" / "pixpro" / "detection.json").read_text())
+    assert result["config"]["devices"] == 2 and result["config"]["batch_size"] == 4
+    assert len(result["predictions"]) == 2  # the dry run's 2 test images, tested once
+    assert len(result["history"]) == 1 and result["history"][0]["step"] == 2

@@ -398,7 +398,7 @@ class DetectionConfig(Strict):
     max_size: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(24000, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)  # images a step over all devices (IMS_PER_BATCH)
     lr: float | None = Field(None, gt=0)  # None: 0.02 x batch / 16
     precise_bn_iters: int = Field(200, ge=0)
     # detectron2's widths and sampled anchors / RoIs an image (smaller for CPU demos)

@@ -10,6 +10,7 @@ from visionbench.backbones import create_backbone
 from visionbench.data.images.scenes import SCENE_CLASSES, generate_scenes, load_scenes
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals.detection import (
+    InfiniteFlipSampler,
     build_detector,
     detection_ci,
     detection_metrics,
@@ -125,6 +126,20 @@ def test_c4_puts_res5_with_extra_norm_in_the_box_head_and_trains_a_step(scenes: 
     losses = model([image], [{"boxes": sample["boxes"], "labels": sample["labels"]}])
     sum(losses.values()).backward()
     assert backbone.layer4[0].conv1.weight.grad is not None
+
+
+def test_the_ranks_of_the_sampler_share_one_seeded_stream() -> None:
+    import itertools
+
+    def take(sampler, n):
+        return list(itertools.islice(iter(sampler), n))
+
+    whole = take(InfiniteFlipSampler(range(5), seed=3), 12)  # past one permutation
+    ranks = [take(InfiniteFlipSampler(range(5), seed=3, rank=r, world=3), 4) for r in range(3)]
+    assert [ranks[i % 3][i // 3] for i in range(12)] == whole
+    assert sorted(i for i, _ in whole[:5]) == list(range(5))  # a permutation, then the next
+    with pytest.raises(ValueError, match="rank 2"):
+        InfiniteFlipSampler(range(5), seed=0, rank=2, world=2)
 
 
 def test_precise_bn_recomputes_statistics_and_restores_momentum() -> None:

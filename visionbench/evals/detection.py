@@ -38,7 +38,8 @@ extra BN after res5.
 
 Deviations (torchvision cannot, or this harness does not, do it as detectron2 does):
 
-- Single process: "SyncBN" is BatchNorm over the images of one step's batch.
+- "SyncBN" is torch's SyncBatchNorm only on several CUDA processes; on one process, or CPU
+  processes (gloo), it is BatchNorm over each process's images of the step.
 - Box losses are torchvision's smooth-L1 with beta 1/9 (detectron2 0.2: L1, beta 0).
 - RoIAlign is torchvision's ``MultiScaleRoIAlign`` (``aligned=False``; detectron2's
   ``ROIAlignV2`` is ``aligned=True``), with ``sampling_ratio=0`` as detectron2.
@@ -62,6 +63,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+import itertools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,7 +71,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 from torchmetrics.detection import MeanAveragePrecision
@@ -87,6 +89,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.functional import pil_to_tensor
 
+from visionbench.distributed import rank_local
 from visionbench.errors import ConfigError, DataError
 
 ARCHS = ("fpn", "c4")
@@ -399,19 +402,28 @@ class DetectionView(Dataset):
 
 class InfiniteFlipSampler(Sampler):
     """detectron2's ``TrainingSampler``: one shuffled permutation after another, endless,
-    each index paired with a horizontal-flip draw (p = 0.5), all from one seeded generator."""
+    each index paired with a horizontal-flip draw (p = 0.5), all from one seeded generator;
+    of ``world`` processes, ``rank`` takes every ``world``-th draw from its ``rank``-th
+    (detectron2's ``islice(self._infinite_indices(), rank, None, world_size)``)."""
 
-    def __init__(self, indices: Sequence[int], seed: int, hflip: bool = True) -> None:
+    def __init__(self, indices: Sequence[int], seed: int, hflip: bool = True, *,
+                 rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
         self.indices = list(indices)
         self.seed = seed
         self.hflip = hflip
+        self.rank, self.world = rank, world
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def _draws(self) -> Iterator[tuple[int, bool]]:
         g = torch.Generator().manual_seed(self.seed)
         while True:
             for i in torch.randperm(len(self.indices), generator=g).tolist():
                 flip = self.hflip and bool(torch.rand(1, generator=g).item() < 0.5)
                 yield self.indices[i], flip
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        return itertools.islice(self._draws(), self.rank, None, self.world)
 
 
 def collate(batch: list) -> tuple[list[Tensor], list[dict]]:
@@ -461,10 +473,12 @@ def warmup_multistep_lr(step: int, base_lr: float, milestones: Sequence[int], ga
 
 @torch.no_grad()
 def precise_bn_update(model: nn.Module, batches: Iterator, num_iters: int,
-                      device: torch.device) -> int:
+                      device: torch.device, fabric=None) -> int:
     """detectron2's ``PreciseBN`` hook: each BatchNorm in train mode gets running statistics
     equal to the mean of its batch statistics over ``num_iters`` training batches (PyTorch's
-    cumulative average, ``momentum=None``). Returns how many BN layers were updated."""
+    cumulative average, ``momentum=None``); with a distributed ``fabric`` every rank runs its
+    own batches and the statistics are averaged over the ranks (the mean over all of them).
+    Returns how many BN layers were updated."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if not bns or num_iters <= 0:
@@ -480,6 +494,10 @@ def precise_bn_update(model: nn.Module, batches: Iterator, num_iters: int,
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
+    if fabric is not None and fabric.world_size > 1:
+        for bn in bns:
+            bn.running_mean.copy_(fabric.all_reduce(bn.running_mean, reduce_op="mean"))
+            bn.running_var.copy_(fabric.all_reduce(bn.running_var, reduce_op="mean"))
     return len(bns)
 
 
@@ -693,8 +711,16 @@ def run_detection(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     log_every: int = 20,
-) -> dict:
+    fabric=None,
+) -> dict | None:
     """Fine-tune Faster R-CNN on ``train_set`` and score it on ``test_set``.
+
+    ``fabric`` (a launched ``lightning.Fabric``; then ``device`` is its own) trains on its
+    processes as detectron2's ``launch`` does: ``batch_size`` is the batch of all of them
+    (``IMS_PER_BATCH``), each takes its share of the one seeded sample stream, DDP averages
+    the gradients, BatchNorm is SyncBatchNorm on CUDA (``norm="syncbn"``), the logged losses
+    are the ranks' mean, and its precision plugin runs the forward (mixed precision on a
+    GPU). Rank 0 then tests alone and returns the result; the other ranks return None.
 
     Data sets yield dicts ``{"image", "boxes" (K, 4) xyxy pixels, "labels" (K,) in
     1..num_classes, "difficult" (K,) optional, "image_id"}`` (``VOCDetection``). Give
@@ -715,14 +741,22 @@ def run_detection(
         raise ConfigError("detection: give exactly one of epochs and max_steps")
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("detection: batch sizes must be >= 1")
-    device = torch.device(device)
+    world = fabric.world_size if fabric is not None else 1
+    rank = fabric.global_rank if fabric is not None else 0
+    if batch_size % world:
+        raise ConfigError(f"detection: the batch {batch_size} (of all devices) is not "
+                          f"divisible by the {world} devices")
+    device = fabric.device if fabric is not None else torch.device(device)
     torch.manual_seed(seed)
     model = build_detector(
         backbone, num_classes, arch=arch, norm=norm, trainable_layers=trainable_layers,
         image_size=image_size, train_sizes=train_sizes, max_size=max_size, mean=mean, std=std,
         fpn_channels=fpn_channels, box_fc_dim=box_fc_dim, rpn_batch_size=rpn_batch_size,
         roi_batch_size=roi_batch_size,
-    ).to(device)
+    )
+    if world > 1 and norm == "syncbn" and device.type == "cuda":
+        model = convert_sync_batchnorm(model)  # torch's SyncBatchNorm runs on CUDA only
+    model = model.to(device)
 
     # detectron2's FILTER_EMPTY_ANNOTATIONS: training images need at least one box.
     keep = [i for i in range(len(train_set)) if len(target_of(train_set, i)["labels"]) > 0]
@@ -740,17 +774,21 @@ def run_detection(
         warmup_steps = round(max_steps * REFERENCE_WARMUP / REFERENCE_STEPS)
     milestones = sorted(round(f * max_steps) for f in lr_decay_at)
 
-    sampler = InfiniteFlipSampler(keep, seed, hflip)
-    loader = DataLoader(DetectionView(train_set, num_classes), batch_size=batch_size,
+    sampler = InfiniteFlipSampler(keep, seed, hflip, rank=rank, world=world)
+    loader = DataLoader(DetectionView(train_set, num_classes), batch_size=batch_size // world,
                         sampler=sampler, num_workers=num_workers, collate_fn=collate)
     batches = iter(loader)
     optimizer = torch.optim.SGD(detectron2_param_groups(model, weight_decay, weight_decay_norm),
                                 lr=lr, momentum=momentum)
+    trained = model  # the detector itself; ``model`` the one trained (DDP-wrapped on ranks)
+    if fabric is not None:
+        model, optimizer = fabric.setup(model, optimizer)
 
     history: list[dict] = []
     window: dict[str, float] = {}
     window_steps = 0
-    set_mode(model, True)
+    set_mode(trained, True)
+    model.train(True)
     start = time.perf_counter()
     for step in range(max_steps):
         step_lr = warmup_multistep_lr(step, lr, milestones, gamma, warmup_steps, warmup_factor)
@@ -759,28 +797,41 @@ def run_detection(
         images, targets = to_device(*next(batches), device)
         losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"detection: loss became {float(loss)} at step {step} "
+        # the ranks' mean, so every rank takes the same decision on a non-finite loss
+        logged = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).float()
+        if fabric is not None and world > 1:
+            logged = fabric.all_reduce(logged, reduce_op="mean")
+        logged = logged.tolist()
+        if not math.isfinite(logged[0]):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, logged[1:], strict=True))
+            raise FloatingPointError(f"detection: loss became {logged[0]} at step {step} "
                                      f"({parts}); lower the lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if fabric is not None:
+            fabric.backward(loss)
+        else:
+            loss.backward()
         optimizer.step()
-        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
-        for key, value in losses.items():
-            window[key] = window.get(key, 0.0) + float(value.detach())
+        window["loss"] = window.get("loss", 0.0) + logged[0]
+        for key, value in zip(losses, logged[1:], strict=True):
+            window[key] = window.get(key, 0.0) + value
         window_steps += 1
         if window_steps == log_every or step == max_steps - 1:
             history.append({"step": step + 1, "lr": step_lr,
                             **{k: v / window_steps for k, v in window.items()}})
             window, window_steps = {}, 0
-    precise = precise_bn_update(model, batches, precise_bn_iters, device)
+    precise = precise_bn_update(trained, batches, precise_bn_iters, device, fabric)
     train_seconds = time.perf_counter() - start
     del batches
+    if rank != 0:
+        return None
+    model = trained
 
-    predictions, targets = predict(model, test_set, num_classes, batch_size=eval_batch_size,
-                                   device=device, num_workers=num_workers)
-    scores = detection_metrics(predictions, targets)
+    with rank_local():  # the test runs on rank 0 alone
+        predictions, targets = predict(model, test_set, num_classes,
+                                       batch_size=eval_batch_size, device=device,
+                                       num_workers=num_workers)
+        scores = detection_metrics(predictions, targets)
     names = list(class_names) if class_names is not None else None
     per_class = {(names[c - 1] if names and 0 < c <= len(names) else str(c)): v
                  for c, v in sorted(scores["per_class_ap"].items())}
@@ -796,7 +847,7 @@ def run_detection(
             "arch": arch, "norm": norm, "num_classes": num_classes,
             "image_size": image_size, "train_sizes": list(model.train_sizes),
             "max_size": model.transform.max_size, "max_steps": max_steps,
-            "batch_size": batch_size, "lr": lr, "momentum": momentum,
+            "batch_size": batch_size, "devices": world, "lr": lr, "momentum": momentum,
             "weight_decay": weight_decay, "weight_decay_norm": weight_decay_norm,
             "lr_milestones": milestones, "gamma": gamma, "warmup_steps": warmup_steps,
             "warmup_factor": warmup_factor,

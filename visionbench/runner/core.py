@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -115,6 +116,21 @@ def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
     return kw
 
 
+def launched_fabric(cfg: ExperimentConfig) -> L.Fabric:
+    """A launched Lightning Fabric over the devices, strategy and precision of ``trainer``,
+    for a training stage with a loop of its own (detection). Under Lightning's launcher it
+    joins the processes (and the process group) the Trainer made; launched first, it starts
+    them, as the Trainer would."""
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "ddp":  # the Trainer's timeout (trainer_kwargs)
+        strategy = FabricDDPStrategy(timeout=timedelta(hours=t.barrier_timeout_hours))
+    fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, strategy=strategy,
+                      num_nodes=t.num_nodes, precision=t.precision or default_precision())
+    fabric.launch()
+    return fabric
+
+
 def check_trainer_settings(cfg: ExperimentConfig) -> int:
     """Lightning's verdict on accelerator/devices/strategy/precision, before anything is
     written: a bad combination is a one-line ConfigError, not a traceback mid-run. Returns the
@@ -164,6 +180,10 @@ def check_effective_batches(cfg: ExperimentConfig, world: int) -> None:
     ft = cfg.eval.finetune
     accumulation(ft.effective_batch_size, ft.batch_size, world,
                  "eval.finetune.effective_batch_size")
+    det = cfg.eval.detection
+    if det is not None and det.enabled and det.batch_size % world:
+        raise ConfigError(f"eval.detection.batch_size: {det.batch_size} images (of all "
+                          f"devices) do not split over {world} device(s); pick a multiple")
 
 
 def utc_now() -> str:

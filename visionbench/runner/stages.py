@@ -48,6 +48,7 @@ from visionbench.runner.core import (
     check_trainer_settings,
     fit_stage,
     is_global_zero,
+    launched_fabric,
     save_encoder,
 )
 
@@ -403,12 +404,14 @@ def detection_sets(run: Run) -> tuple[VOCDetection, VOCDetection, list[str]]:
 
 
 def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:
-    """Stage: Faster R-CNN on the ``init`` backbone (``out/detection.json``), with
-    bootstrap intervals of AP / AP50 / AP75 over test images. A ``--fast-dev-run`` trains
-    2 steps and tests 2 images."""
+    """Stage: Faster R-CNN on the ``init`` backbone (``out/detection.json``), trained on
+    every rank (a Fabric over ``trainer``'s devices), tested on rank 0, with bootstrap
+    intervals of AP / AP50 / AP75 over test images. A ``--fast-dev-run`` trains 2 steps and
+    tests 2 images."""
     det = run.cfg.eval.detection
 
     def fit() -> None:
+        fabric = launched_fabric(run.cfg)
         train, test, classes = detection_sets(run)
         dry = run.cfg.trainer.fast_dev_run
         if dry:
@@ -425,12 +428,14 @@ def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) 
             fpn_channels=det.fpn_channels, box_fc_dim=det.box_fc_dim,
             rpn_batch_size=det.rpn_batch_size, roi_batch_size=det.roi_batch_size,
             mean=run.cfg.data.mean, std=run.cfg.data.std, class_names=classes,
-            seed=run.cfg.seed, device=device(run), num_workers=run.cfg.data.num_workers)
+            seed=run.cfg.seed, num_workers=run.cfg.data.num_workers, fabric=fabric)
+        if result is None:  # rank 0 tests and writes
+            return
         result["ci"] = detection_ci(result["predictions"], result["targets"],
                                     det.bootstrap_resamples, run.cfg.seed)
         atomic_write_json(out / "detection.json", result)
 
-    stage(run, f"detection:{init_name(run, init)}", out / "detection.json", fit)
+    stage(run, f"detection:{init_name(run, init)}", out / "detection.json", fit, train=True)
 
 
 def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:

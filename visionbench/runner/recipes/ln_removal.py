@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from visionbench.distributed import rank_local
 from visionbench.evals.finetune import FineTuneClassifier, test_scores
 from visionbench.norms.conversions import (
     FakeLayerNorm,
@@ -68,14 +69,17 @@ def fold_removed_norms(model: FineTuneClassifier, images: torch.Tensor) -> dict:
 
 def finetune(run: Run, ft_dm, remove: bool) -> dict:
     """The fine-tune of ``eval.finetune`` from the pretrained weights, with FakeLN when
-    ``remove``; the result keeps the trained classifier under ``"model"``."""
+    ``remove``, fitted on every rank (DDP; the norms' tracked stds are buffers, so rank 0's
+    reach the others with every forward, as DDP broadcasts buffers), not tested; the result
+    keeps the trained classifier under ``"model"``."""
     r = run.cfg.ln_removal
     callbacks = (LayerNormRemoval(r.gap_norm2, r.gap_norm1_qk, r.gap_norm1, r.momentum,
                                   log=run.log),) if remove else ()
     name = "ln_free" if remove else "vanilla"
     return stages.run_finetune_protocol(run, ft_dm, "pretrained",
                                         run.dir / "evals" / name / "logs",
-                                        callbacks=callbacks, keep_model=True)
+                                        callbacks=callbacks, keep_model=True,
+                                        on_all_ranks=True)
 
 
 def calibration_images(run: Run, dm) -> list[torch.Tensor]:
@@ -93,58 +97,65 @@ def calibration_images(run: Run, dm) -> list[torch.Tensor]:
 
 def test_result(run: Run, model: FineTuneClassifier, ft_dm) -> dict:
     return test_scores(model, ft_dm.test_dataloader(),
-                       {**run.trainer_kwargs(distributed=False), "enable_progress_bar": False})
+                       {**run.trainer_kwargs(distributed=False), "enable_progress_bar": False},
+                       seed=run.cfg.seed)
+
+
+def probe_images(ft_dm) -> torch.Tensor:
+    """Test images the folding is checked on (the largest logit change)."""
+    return next(iter(ft_dm.test_dataloader()))["image"][:16]
 
 
 def run_stages(run: Run, ft_dm, dm) -> dict[str, dict]:
-    records: dict[str, dict] = {}
+    """The three stages (fine-tunes on every rank, tested on rank 0; the removal without
+    fine-tune on rank 0); on rank 0 their records, ``{}`` on the others."""
     out = run.dir / "evals"
-    probe_images = next(iter(ft_dm.test_dataloader()))["image"][:16]
-    vanilla_model = None
-    if (out / "vanilla" / RESULT_FILE).is_file():
-        records["vanilla"] = read_json(out / "vanilla" / RESULT_FILE)
-    else:
+
+    def vanilla() -> None:
         run.log("[vanilla] fine-tune with the LayerNorms")
-        result = finetune(run, ft_dm, remove=False)
-        vanilla_model = result.pop("model").cpu()
-        result["parameters"] = parameter_count(vanilla_model)
-        torch.save(vanilla_model.state_dict(), out / "vanilla" / "classifier.pt")
+        fitted = finetune(run, ft_dm, remove=False)
+        if not is_global_zero():
+            return
+        model = fitted["model"].cpu()
+        result = stages.finetune_test(run, fitted, ft_dm)
+        result["parameters"] = parameter_count(model)
+        (out / "vanilla").mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out / "vanilla" / "classifier.pt")
         atomic_write_json(out / "vanilla" / RESULT_FILE, result)
-        records["vanilla"] = result
-    run.mark("vanilla", wall_s=run.wall())
 
-    if (out / "removed_without_finetune" / RESULT_FILE).is_file():
-        records["removed_without_finetune"] = read_json(
-            out / "removed_without_finetune" / RESULT_FILE)
-    else:
+    def removed_without_finetune() -> None:
         run.log("[removed without fine-tune] every norm fake at once, at its calibrated std")
-        if vanilla_model is None:
-            vanilla_model = finetune_classifier(run, ft_dm)
-            vanilla_model.load_state_dict(torch.load(out / "vanilla" / "classifier.pt",
-                                                     weights_only=True))
-        attach_fakeln(vanilla_model.cpu(), momentum=run.cfg.ln_removal.momentum)
-        stds = calibrate_fakeln(vanilla_model, calibration_images(run, dm))
-        FakeLNSchedule(vanilla_model, start=0, gap_norm2=0, gap_norm1_qk=0,
+        model = finetune_classifier(run, ft_dm)
+        model.load_state_dict(torch.load(out / "vanilla" / "classifier.pt", weights_only=True))
+        attach_fakeln(model.cpu(), momentum=run.cfg.ln_removal.momentum)
+        stds = calibrate_fakeln(model, calibration_images(run, dm))
+        FakeLNSchedule(model, start=0, gap_norm2=0, gap_norm1_qk=0,
                        gap_norm1=0).step()  # every norm at once
-        removal = fold_removed_norms(vanilla_model, probe_images)
-        result = {**test_result(run, vanilla_model, ft_dm), **removal, "stds": stds}
-        atomic_write_json(out / "removed_without_finetune" / RESULT_FILE, result)
-        records["removed_without_finetune"] = result
-    run.mark("removed_without_finetune", wall_s=run.wall())
+        removal = fold_removed_norms(model, probe_images(ft_dm))
+        atomic_write_json(out / "removed_without_finetune" / RESULT_FILE,
+                          {**test_result(run, model, ft_dm), **removal, "stds": stds})
 
-    if (out / "ln_free" / RESULT_FILE).is_file():
-        records["ln_free"] = read_json(out / "ln_free" / RESULT_FILE)
-    else:
+    def ln_free() -> None:
         run.log("[LN-free] fine-tune while FakeLN removes the norms on the official schedule")
-        result = finetune(run, ft_dm, remove=True)
-        model = result.pop("model")
-        fake = {k: result[k] for k in ("test_top1", "test_top5", "test_loss")}
-        removal = fold_removed_norms(model, probe_images)
-        result.update(test_result(run, model, ft_dm), **removal, fake_scores=fake)
+        fitted = finetune(run, ft_dm, remove=True)
+        if not is_global_zero():
+            return
+        model = fitted.pop("model")
+        with rank_local(model):  # its metrics were made during the DDP fit
+            fake = test_result(run, model, ft_dm)
+            removal = fold_removed_norms(model, probe_images(ft_dm))
+            folded = test_result(run, model, ft_dm)
+        result = {**fitted, **folded, **removal,
+                  "fake_scores": {k: fake[k] for k in ("test_top1", "test_top5", "test_loss")}}
         atomic_write_json(out / "ln_free" / RESULT_FILE, result)
-        records["ln_free"] = result
-    run.mark("ln_free", wall_s=run.wall())
-    return records
+
+    stages.stage(run, "vanilla", out / "vanilla" / RESULT_FILE, vanilla, train=True)
+    stages.stage(run, "removed_without_finetune",
+                 out / "removed_without_finetune" / RESULT_FILE, removed_without_finetune)
+    stages.stage(run, "ln_free", out / "ln_free" / RESULT_FILE, ln_free, train=True)
+    if not is_global_zero():
+        return {}
+    return {key: read_json(out / key / RESULT_FILE) for key in STAGES}
 
 
 def finetune_classifier(run: Run, ft_dm) -> FineTuneClassifier:
@@ -180,11 +191,10 @@ def run_ln_removal(run: Run) -> tuple[list[dict], int | None]:
                         run.dir, encoder_file=run.dir / "checkpoints" / ENCODER_FILE)
     dm = stages.image_datamodule(run)
     ft_dm = stages.finetune_datamodule(run)
-    if not is_global_zero():  # the fine-tunes run on rank 0 (not yet distributed)
+    records = run_stages(run, ft_dm, dm)
+    if not is_global_zero():
         stages.barrier()
         return [], None
-    (run.dir / "evals" / "vanilla").mkdir(parents=True, exist_ok=True)
-    records = run_stages(run, ft_dm, dm)
     summary_table(run, records)
     stages.barrier()
     init = stages.init_name(run, "pretrained")
