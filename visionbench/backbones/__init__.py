@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from visionbench.backbones.resnet import create_resnet, is_resnet_name
+from visionbench.backbones.video_vit import create_video_vit, is_video_vit_name
 from visionbench.backbones.vit import create_vit, is_vit_name
 from visionbench.backbones.weights import LoadReport, load_backbone_weights, read_state_dict
 from visionbench.errors import ConfigError
@@ -76,6 +77,11 @@ register_family(Family(
     "ResNets (resnet18, resnet50, ...)",
     # timm's ResNet starts at conv1, the pre-activation ResNetV2 at stem
     lambda m: getattr(m, "conv1", None) or getattr(m, "stem", None)))
+register_family(Family(
+    "video_vit", is_video_vit_name, "token", "layernorm", ("mean",), create_video_vit,
+    "VideoMAE's video ViTs over tubelets (video_vit_small_patch16_224, "
+    "video_vit_base_patch16_224, ..., video_vit_giant_patch14_224)",
+    lambda m: getattr(m, "patch_embed", None)))
 
 
 def create_backbone(
@@ -96,6 +102,7 @@ __all__ = [
     "backbone_family",
     "create_backbone",
     "create_resnet",
+    "create_video_vit",
     "create_vit",
     "family_of",
     "register_family",

@@ -69,19 +69,24 @@ class InputNormalization(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(shape), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
+        if x.ndim not in (4, 5) or x.shape[1] != self.mean.shape[1]:
             raise ValueError(f"sealed input normalization: expected (B, {self.mean.shape[1]}, "
-                             f"H, W), got {tuple(x.shape)}")
+                             f"H, W) images or (B, {self.mean.shape[1]}, T, H, W) clips, got "
+                             f"{tuple(x.shape)}")
         size = self.spec.size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             mode = self.spec.interpolation
             smooth = mode != "nearest"
-            x = F.interpolate(x, size=(size, size), mode=mode,
-                              align_corners=False if smooth else None,
-                              antialias=smooth and size < min(x.shape[-2:]))
+            frames = x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x  # each frame
+            frames = F.interpolate(frames, size=(size, size), mode=mode,
+                                   align_corners=False if smooth else None,
+                                   antialias=smooth and size < min(x.shape[-2:]))
+            x = frames.unflatten(0, (x.shape[0], x.shape[2])).transpose(1, 2) \
+                if x.ndim == 5 else frames
         if self.spec.scale != 1.0:
             x = x * self.spec.scale
-        return (x - self.mean.to(x)) / self.std.to(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.mean.to(x).view(shape)) / self.std.to(x).view(shape)
 
     def pre_hook(self, _module: nn.Module, args: tuple) -> tuple:
         """The forward pre-hook on the encoder's first layer (a bound method, so that a

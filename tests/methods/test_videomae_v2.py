@@ -1,0 +1,232 @@
+"""VideoMAE V2: masks, targets, loss and forward against a float64 re-statement of the
+official ``modeling_pretrain.py`` / ``engine_for_pretraining.py``; checkpoints; transform."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionbench.backbones import create_backbone
+from visionbench.backbones.video_vit import sinusoid_table
+from visionbench.errors import WeightsError
+from visionbench.methods.videomae_v2 import (
+    VideoMAEv2,
+    VideoMAEv2Config,
+    VideoMAEv2Transform,
+    dual_masked_loss,
+    multi_scale_crop_box,
+    reconstruction_target,
+    running_cell_patterns,
+    tube_mask,
+)
+
+PATCH, FRAMES, SIZE, HEADS = 8, 4, 32, 2
+
+
+def tiny_module(**kwargs) -> VideoMAEv2:
+    torch.manual_seed(0)
+    encoder = create_backbone("video_vit_small_patch16_224", img_size=SIZE, num_frames=FRAMES,
+                              patch_size=PATCH, depth=2, embed_dim=32, num_heads=HEADS)
+    return VideoMAEv2(encoder, VideoMAEv2Config(), decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=HEADS, **kwargs)
+
+
+def test_tube_mask_masks_int_ratio_of_each_frame_identically_over_time():
+    mask = tube_mask(5, (8, 14, 14), 0.9, torch.Generator().manual_seed(0))
+    frames = mask.reshape(5, 8, 196)
+    assert mask.dtype == torch.bool and mask.shape == (5, 1568)
+    assert (frames.sum(-1) == int(0.9 * 196)).all()  # 176 of 196 in every frame
+    assert (frames == frames[:, :1]).all()  # a tube: the same positions in every slice
+    assert not torch.equal(frames[0, 0], frames[1, 0])  # drawn per clip
+
+
+def official_running_cell(grid, ratio):
+    """``RunningCellMaskingGenerator.all_mask_maps`` re-stated from its definition."""
+    t, h, w = grid
+    masks = int(4 * ratio)
+    queue = np.hstack([np.ones(masks), np.zeros(4 - masks)])
+    maps = []
+    for ptr in range(4):
+        frames = []
+        for _ in range(t):
+            ptr += 1
+            cell = queue[(np.arange(4) + ptr) % 4].reshape(2, 2)
+            frames.append(np.tile(cell, [h // 2, w // 2]).flatten())
+        maps.append(np.stack(frames))
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_running_cell_patterns_are_the_official_generators(ratio):
+    grid = (8, 14, 14)
+    patterns = running_cell_patterns(grid, ratio)
+    expected = official_running_cell(grid, ratio).reshape(4, -1).astype(bool)
+    assert np.array_equal(patterns.numpy(), expected)
+    per_frame = patterns.reshape(4, 8, 196).sum(-1)
+    assert (per_frame == int(4 * ratio) * 49).all()  # the ratio in every slice
+    assert not torch.equal(patterns[0, :196], patterns[0, 196:392])  # the cell runs in time
+
+
+def test_sinusoid_table_is_the_official_formula_in_float64():
+    n, d = 50, 24
+    table = np.array([[pos / np.power(10000, 2 * (j // 2) / d) for j in range(d)]
+                      for pos in range(n)])
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    ours = sinusoid_table(n, d)
+    assert ours.shape == (1, n, d) and ours.dtype == torch.float32
+    assert torch.equal(ours[0], torch.tensor(table, dtype=torch.float32))
+
+
+def reference_patches(video01, tubelet, patch):
+    """``b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c`` one token at a time."""
+    b, c, t, h, w = video01.shape
+    tokens = []
+    for ti in range(t // tubelet):
+        for hi in range(h // patch):
+            for wi in range(w // patch):
+                cube = video01[:, :, ti * tubelet:(ti + 1) * tubelet,
+                               hi * patch:(hi + 1) * patch, wi * patch:(wi + 1) * patch]
+                tokens.append(cube.permute(0, 2, 3, 4, 1).reshape(b, -1, c))
+    return torch.stack(tokens, dim=1)
+
+
+def test_target_normalizes_each_patch_and_channel_with_the_unbiased_std():
+    video = torch.rand(2, 3, 4, 16, 16, dtype=torch.float64)
+    patches = reference_patches(video, 2, 8)
+    mean = patches.mean(dim=-2, keepdim=True)
+    std = torch.sqrt(((patches - mean) ** 2).sum(dim=-2, keepdim=True) / (patches.shape[-2] - 1))
+    expected = ((patches - mean) / (std + 1e-6)).flatten(2)
+    target = reconstruction_target(video, 2, 8)
+    assert torch.allclose(target, expected, atol=1e-12)
+    assert torch.allclose(reconstruction_target(video, 2, 8, normalize=False),
+                          patches.flatten(2))
+
+
+def test_loss_counts_only_decoder_visible_tokens_the_encoder_masked():
+    n, v = 8, 4
+    target = torch.zeros(1, n, v)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)  # encoder
+    decode = torch.tensor([[1, 0, 1, 0, 1, 0, 1, 0]], dtype=torch.bool)  # not decoded
+    # decoded tokens: 1, 3, 5, 7; of those the encoder masked 1 and 3
+    pred = torch.zeros(1, 4, v)
+    pred[0, 0] = 1.0  # token 1: counted
+    assert dual_masked_loss(pred, target, mask, decode) == pytest.approx(0.5)
+    pred[0, 2] = 5.0  # token 5: visible to the encoder, not counted
+    assert dual_masked_loss(pred, target, mask, decode) == pytest.approx(0.5)
+
+
+def official_block(x, p, prefix, heads):
+    """``modeling_finetune.Block`` with ``Attention`` (q / v bias, zero k bias)."""
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), p[prefix + "norm1.weight"], p[prefix + "norm1.bias"], eps=1e-6)
+    q_bias, v_bias = p[prefix + "attn.q_bias"], p[prefix + "attn.v_bias"]
+    qkv = F.linear(h, p[prefix + "attn.qkv.weight"],
+                   torch.cat([q_bias, torch.zeros_like(v_bias), v_bias]))
+    b, n, _ = x.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    attn = ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
+    x = x + F.linear(out, p[prefix + "attn.proj.weight"], p[prefix + "attn.proj.bias"])
+    h = F.layer_norm(x, (d,), p[prefix + "norm2.weight"], p[prefix + "norm2.bias"], eps=1e-6)
+    h = F.linear(F.gelu(F.linear(h, p[prefix + "mlp.fc1.weight"], p[prefix + "mlp.fc1.bias"])),
+                 p[prefix + "mlp.fc2.weight"], p[prefix + "mlp.fc2.bias"])
+    return x + h
+
+
+def official_loss(p, video, mask, decode_mask, mean, std, enc_depth, dec_depth, heads):
+    """``PretrainVisionTransformer.forward`` + ``train_one_epoch``'s loss, float64."""
+    b = video.shape[0]
+    x = F.conv3d(video, p["encoder.patch_embed.proj.weight"], p["encoder.patch_embed.proj.bias"],
+                 stride=(2, PATCH, PATCH)).flatten(2).transpose(1, 2)
+    n, d = x.shape[1:]
+
+    def table(dim):
+        t = np.array([[pos / np.power(10000, 2 * (j // 2) / dim) for j in range(dim)]
+                      for pos in range(n)])
+        t[:, 0::2], t[:, 1::2] = np.sin(t[:, 0::2]), np.cos(t[:, 1::2])
+        return torch.tensor(t, dtype=torch.float32).double()[None]
+
+    x = x + table(d)
+    x_vis = x[~mask].reshape(b, -1, d)
+    for i in range(enc_depth):
+        x_vis = official_block(x_vis, p, f"encoder.blocks.{i}.", heads)
+    x_vis = F.layer_norm(x_vis, (d,), p["encoder.norm.weight"], p["encoder.norm.bias"], eps=1e-6)
+    x_vis = F.linear(x_vis, p["encoder_to_decoder.weight"])
+    c = x_vis.shape[-1]
+    pos = table(c).expand(b, -1, -1)
+    pos_vis, pos_mask = pos[~mask].reshape(b, -1, c), pos[~decode_mask].reshape(b, -1, c)
+    x_full = torch.cat([x_vis + pos_vis, p["mask_token"] + pos_mask], dim=1)
+    for i in range(dec_depth):
+        x_full = official_block(x_full, p, f"decoder.blocks.{i}.", heads)
+    out = x_full[:, -pos_mask.shape[1]:]
+    out = F.linear(F.layer_norm(out, (c,), p["decoder.norm.weight"], p["decoder.norm.bias"],
+                                eps=1e-6), p["decoder.head.weight"], p["decoder.head.bias"])
+    unnorm = video * std + mean
+    squeeze = reference_patches(unnorm, 2, PATCH)
+    norm = (squeeze - squeeze.mean(dim=-2, keepdim=True)) / (
+        squeeze.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    patch = norm.flatten(2)
+    labels = patch[~decode_mask].reshape(b, -1, patch.shape[-1])
+    loss = ((out - labels) ** 2).mean(dim=-1)
+    cal = mask[~decode_mask].reshape(b, -1)
+    return (loss * cal).sum() / cal.sum()
+
+
+def test_loss_equals_the_official_forward_in_float64():
+    module = tiny_module().double()
+    for param in module.parameters():  # away from the zero init of biases / layer norms
+        param.data.add_(0.05 * torch.randn_like(param))
+    video = torch.randn(2, 3, FRAMES, SIZE, SIZE, dtype=torch.float64)
+    mask, decode = module.masks(2, torch.Generator().manual_seed(3))
+    ours = module.loss(video, mask, decode).detach()
+    p = {k: v.double() for k, v in module.state_dict().items()}
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    reference = official_loss(p, video, mask, decode, mean, std, 2, 1, HEADS)
+    assert float(ours) == pytest.approx(float(reference), abs=1e-5, rel=1e-9)
+
+
+def test_official_checkpoint_loads_by_its_keys_and_rejects_others(tmp_path):
+    source = tiny_module()
+    for param in source.parameters():
+        param.data.normal_()
+    path = tmp_path / "checkpoint-199.pth"
+    torch.save({"model": source.state_dict(), "epoch": 199}, path)  # run_mae_pretraining's
+    target = tiny_module()
+    assert "tensors" in target.load_official(str(path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    state = source.state_dict()
+    state["decoder.extra.weight"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="unexpected"):
+        target.load_official(str(tmp_path / "bad.pth"))
+
+
+def test_pretrain_loss_folds_the_repeated_samples_and_trains():
+    module = tiny_module()
+    batch = {"video": torch.randn(2, 3, 3, FRAMES, SIZE, SIZE)}  # 2 videos x 3 samples
+    loss = module.pretrain_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and module.encoder.blocks[0].attn.q_bias.grad is not None
+    assert module.pretrain_loss(batch, generator_seed=1) == module.pretrain_loss(
+        batch, generator_seed=1)  # validation masks are fixed per batch
+    video01, mask, recon = module.reconstruct(batch["video"][:, 0])
+    assert recon.shape == video01.shape and mask.shape == (2, 2 * 4 * 4)
+
+
+def test_multi_scale_crop_takes_the_official_scales_and_fixed_offsets():
+    rng = random.Random(0)
+    for _ in range(200):
+        top, left, h, w = multi_scale_crop_box(240, 320, 224, rng)
+        sizes = {int(240 * s) for s in (1, 0.875, 0.75, 0.66)} | {224}
+        assert h in sizes and w in sizes and top + h <= 240 and left + w <= 320
+        assert left % ((320 - w) // 4 or 1) == 0 and top % ((240 - h) // 4 or 1) == 0
+    transform = VideoMAEv2Transform(32, (0.5,) * 3, (0.25,) * 3, num_sample=4, seed=0)
+    frames = torch.full((FRAMES, 40, 48, 3), 255, dtype=torch.uint8)
+    out = transform({"video": frames, "label": 3, "video_id": "a"})
+    assert out["video"].shape == (4, 3, FRAMES, 32, 32) and out["label"] == 3
+    assert torch.allclose(out["video"], torch.full_like(out["video"], 2.0))  # (1 - .5) / .25
