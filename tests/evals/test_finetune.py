@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
@@ -148,3 +149,25 @@ def test_cls_token_head_without_global_pool():
         expected = model.head(vit.forward_features(images)[:, 0])
         torch.testing.assert_close(model(images), expected)
     assert not isinstance(vit.norm, torch.nn.Identity)
+
+
+def test_video_views_are_scored_by_their_mean_softmax_as_the_official_merge():
+    from visionbench.backbones import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("video_vit_small_patch16_224", img_size=16, patch_size=8,
+                               num_frames=2, embed_dim=16, depth=1, num_heads=2)
+    model = FineTuneClassifier(backbone, 4, base_lr=1e-3, input_key="video").eval()
+    views = torch.randn(3, 6, 3, 2, 16, 16)  # 3 clips x (2 segments x 3 crops)
+    with torch.no_grad():
+        per_view = torch.stack([model(views[:, v]).softmax(-1) for v in range(6)], dim=1)
+        averaged = model.view_averaged_logits(views)
+        single = model.view_averaged_logits(views[:, 0])
+    assert torch.allclose(averaged.exp(), per_view.mean(dim=1), atol=1e-6)
+    assert torch.allclose(single, model(views[:, 0]))  # no view axis: plain logits
+    labels = torch.tensor([0, 1, 2])
+    expected = -per_view.mean(dim=1)[torch.arange(3), labels].log()
+    assert torch.allclose(F.cross_entropy(averaged, labels, reduction="none"), expected,
+                          atol=1e-5)
+    with pytest.raises(ConfigError, match="input_key"):
+        FineTuneClassifier(backbone, 4, base_lr=1e-3, input_key="points")

@@ -54,7 +54,10 @@ def pooled_features(backbone: nn.Module, images: Tensor, pooling: str = "cls",
 
 
 def split_batch(batch) -> tuple[Tensor, Tensor]:
-    """(images, labels) of a dict batch (or of an ``(x, y)`` tuple)."""
+    """(images, labels) of a dict batch (``video`` clips where it holds no ``image``), or
+    of an ``(x, y)`` tuple."""
+    if isinstance(batch, dict) and "image" not in batch and "video" in batch:
+        return unpack(batch, "video", "label")
     return unpack(batch, "image", "label")
 
 

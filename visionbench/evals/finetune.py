@@ -42,9 +42,11 @@ FINETUNE_DEFAULTS = {
     "mixup": 0.0,
     "cutmix": 0.0,
     "global_pool": True,
+    "input_key": "image",
     "seed": None,
 }
 FINETUNE_REQUIRED = ("base_lr", "epochs")
+INPUT_NDIM = {"image": 4, "video": 5}  # one sample's batch; one more axis: test views
 # Prefix-token parameters that sit with the patch embedding in layer 0.
 EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
 
@@ -132,14 +134,23 @@ class FineTuneClassifier(L.LightningModule):
     ``base_lr`` is the absolute peak lr (``run_finetune`` turns MAE's blr into it). For a
     ViT with ``global_pool=True`` the backbone's final norm is replaced by ``Identity``
     (MAE deletes it) and the head reads ``fc_norm(mean of patch tokens)``.
+
+    ``input_key`` is the batch key of the inputs: ``image`` (B, C, H, W) or ``video``
+    (B, C, T, H, W). A test batch with one more axis holds views of each sample (``(B, V,
+    ...)``: VideoMAE's clips x crops); their softmax probabilities are averaged, as the
+    official ``merge`` (``method='prob'``) scores a video, and the test loss is the
+    cross-entropy of that average.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, base_lr: float,
                  weight_decay: float = 0.05, layer_decay: float = 0.75,
                  warmup_epochs: float = 5, epochs: int = 50, min_lr: float = 1e-6,
                  label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0,
-                 global_pool: bool = True) -> None:
+                 global_pool: bool = True, input_key: str = "image") -> None:
         super().__init__()
+        if input_key not in INPUT_NDIM:
+            raise ConfigError(f"finetune: input_key {input_key!r}; allowed: "
+                              f"{', '.join(INPUT_NDIM)}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.is_vit = hasattr(backbone, "blocks")
@@ -201,8 +212,19 @@ class FineTuneClassifier(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             set_lr(optimizer, lr)
 
+    def inputs(self, batch) -> tuple[Tensor, Tensor]:
+        return unpack(batch, self.hparams.input_key, "label")
+
+    def view_averaged_logits(self, inputs: Tensor) -> Tensor:
+        """Logits, or for ``(B, V, ...)`` views the log of their mean softmax."""
+        if inputs.ndim == INPUT_NDIM[self.hparams.input_key]:
+            return self(inputs)
+        b, v = inputs.shape[:2]
+        probs = self(inputs.flatten(0, 1)).float().softmax(dim=-1).reshape(b, v, -1)
+        return probs.mean(dim=1).clamp_min(torch.finfo(torch.float32).tiny).log()
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, targets = unpack(batch, "image", "label")
+        images, targets = self.inputs(batch)
         if self.mixup_fn is not None:
             images, targets = self.mix(images, targets)
         loss = self.criterion(self(images), targets)
@@ -221,16 +243,16 @@ class FineTuneClassifier(L.LightningModule):
         return self.mixup_fn(images[:even], targets[:even])
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, targets = unpack(batch, "image", "label")
-        self.val_top1.update(self(images), targets)
+        images, targets = self.inputs(batch)
+        self.val_top1.update(self.view_averaged_logits(images), targets)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_top1", self.val_top1.compute() * 100.0, prog_bar=True)
         self.val_top1.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        images, targets = unpack(batch, "image", "label")
-        logits = self(images)
+        images, targets = self.inputs(batch)
+        logits = self.view_averaged_logits(images)
         self.test_top1.update(logits, targets)
         self.test_top5.update(logits, targets)
         self.test_loss.update(F.cross_entropy(logits.float(), targets, reduction="none"))
@@ -315,7 +337,7 @@ def run_finetune(backbone: nn.Module, datamodule_train_loader, val_loader, test_
         weight_decay=cfg["weight_decay"], layer_decay=cfg["layer_decay"],
         warmup_epochs=cfg["warmup_epochs"], epochs=cfg["epochs"], min_lr=cfg["min_lr"],
         label_smoothing=cfg["label_smoothing"], mixup=cfg["mixup"], cutmix=cfg["cutmix"],
-        global_pool=cfg["global_pool"],
+        global_pool=cfg["global_pool"], input_key=cfg["input_key"],
     )
     trainer.fit(model, train_dataloaders=datamodule_train_loader, val_dataloaders=val_loader)
     ensure_trained(trainer, "fine-tune")
