@@ -19,6 +19,8 @@ bench: setup
 	$(BIN)/python benchmarks/mae_step.py
 	$(BIN)/python benchmarks/probe_sweep.py
 	$(BIN)/python benchmarks/norm_inference.py
+	$(BIN)/python benchmarks/videomae_step.py
+	$(BIN)/python benchmarks/video_decode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -47,6 +47,19 @@ class SynthConfig(Strict):
     test_per_class: int = Field(40, gt=0)
 
 
+class VideoDataConfig(Strict):
+    """Clips (VideoMAE's loaders): ``num_frames`` at stride ``sampling_rate`` (4 for
+    Kinetics, 2 for SSv2); the test scores ``test_clips`` evenly spaced clips x
+    ``test_crops`` spatial crops (Kinetics 5 x 3, SSv2 2 x 3); the embedded motion clips
+    are ``clip_frames`` long."""
+
+    num_frames: int = Field(16, gt=0)
+    sampling_rate: int = Field(4, gt=0)
+    test_clips: int = Field(5, gt=0)
+    test_crops: int = Field(3, gt=0)
+    clip_frames: int = Field(32, gt=0)
+
+
 class DataConfig(Strict):
     dataset: str = "shapes"
     root: str | None = None
@@ -59,6 +72,7 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
     synth: SynthConfig = SynthConfig()
+    video: VideoDataConfig = VideoDataConfig()
 
     @field_validator("root")
     @classmethod

@@ -382,3 +382,55 @@ register(
         ),
     )
 )
+
+
+# VideoMAE V2: the official docs/MODEL_ZOO.md (fine-tune and distillation tables, 16 frames
+# at 224 px, #Frame = frames x clips x crops) and VideoMAE v1's MODEL_ZOO.md (MCG-NJU/VideoMAE)
+_V2_ZOO = "OpenGVLab/VideoMAEv2 docs/MODEL_ZOO.md"
+register(
+    Experiment(
+        name="videomae-v2",
+        paper="VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking",
+        arxiv="2303.16727",
+        method="videomae_v2",
+        backbone="video_vit_giant_patch14_224",
+        norm="layernorm",
+        placement="pre",
+        pretrain_data="unlabeled-hybrid",
+        task="video classification",
+        dataset="kinetics-400",
+        protocols=("linear_probe", "knn", "finetune"),
+        metrics=("top1", "top5"),
+        config="configs/videomae-v2.yaml",
+        code="OpenGVLab/VideoMAEv2",
+        recipe="video",
+        reported=tuple(
+            Reported(backbone, "finetune", "top1", value, dataset, source, init=init,
+                     variant=variant, epochs=epochs)
+            for backbone, init, dataset, variant, epochs, value, source in (
+                ("video_vit_giant_patch14_224", "videomae_v2", "kinetics-400",
+                 "clips=5,crops=3,frames=16", 1200, 87.2, f"{_V2_ZOO}, Fine-tune"),
+                ("video_vit_giant_patch14_224", "videomae_v2", "kinetics-400",
+                 "clips=5,crops=3,frames=16,post_pretrain=k710", 1200, 88.4,
+                 f"{_V2_ZOO}, Fine-tune (K710 post-pre-train)"),
+                ("video_vit_giant_patch14_224", "videomae_v2", "ssv2",
+                 "clips=2,crops=3,frames=16", 1200, 77.0, f"{_V2_ZOO}, Fine-tune"),
+                ("video_vit_giant_patch14_224", "videomae_v2", "ucf101",
+                 "clips=5,crops=3,frames=16,post_pretrain=k710", 1200, 99.6,
+                 f"{_V2_ZOO}, Fine-tune (K710 post-pre-train)"),
+                ("video_vit_giant_patch14_224", "videomae_v2", "hmdb51",
+                 "clips=5,crops=3,frames=16,post_pretrain=k710", 1200, 88.1,
+                 f"{_V2_ZOO}, Fine-tune (K710 post-pre-train)"),
+                ("video_vit_base_patch16_224", "videomae_v2-distilled-from-g", "kinetics-400",
+                 "clips=5,crops=3,frames=16", None, 86.6,
+                 f"{_V2_ZOO}, Distillation (ViT-base, K400 top-1)"),
+                ("video_vit_base_patch16_224", "videomae", "kinetics-400",
+                 "clips=5,crops=3,frames=16", 1600, 81.5,
+                 "MCG-NJU/VideoMAE MODEL_ZOO.md, Kinetics-400 (ViT-B, no extra data)"),
+                ("video_vit_base_patch16_224", "videomae", "ssv2",
+                 "clips=2,crops=3,frames=16", 2400, 70.8,
+                 "MCG-NJU/VideoMAE MODEL_ZOO.md, Something-Something V2 (ViT-B)"),
+            )
+        ),
+    )
+)

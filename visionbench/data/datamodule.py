@@ -449,7 +449,63 @@ class TransformedDataset(Dataset):
 # ----------------------------------------------------------------------------- datamodule
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class LabelledDataModule(L.LightningDataModule):
+    """What the labelled datamodules (images here, ``data/video``) share: the splits loaded
+    once (``_load_splits``, a subclass's), the class-stratified ``label_fraction`` of the
+    training split (``carve_indices`` with ``seed``; val and test whole), the classes, and
+    loaders that drop the last incomplete training batch when each rank has a full one.
+    Subclasses set ``label_fraction``, ``seed``, ``num_workers`` and ``splits = None``."""
+
+    label_fraction: float
+    seed: int
+    num_workers: int
+    splits: Splits | None
+
+    def _load_splits(self) -> Splits:
+        raise NotImplementedError(f"{type(self).__name__} loads its splits")
+
+    def _source(self) -> str:
+        """Where the data comes from, for messages."""
+        return str(getattr(self, "root", type(self).__name__))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            splits = self._load_splits()
+            if self.label_fraction < 1.0:
+                kept = carve_indices(splits.train.targets, [self.label_fraction], self.seed)[0]
+                if not kept:
+                    raise DataError(f"{self._source()}: a label fraction of "
+                                    f"{self.label_fraction:g} keeps none of the "
+                                    f"{len(splits.train)} training samples")
+                splits.train = LabelledSubset(splits.train, kept)
+            self.splits = splits
+
+    def _loaded(self) -> Splits:
+        self.setup()
+        assert self.splits is not None
+        return self.splits
+
+    @property
+    def classes(self) -> list[str]:
+        return self._loaded().classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            # under DDP each rank's sampler holds len / world of them
+            drop_last=shuffle and len(dataset) // world_size() >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class ImageClassificationDataModule(LabelledDataModule):
     """Train / val / test loaders over any supported format at ``root``.
 
     Images are read in their stored mode; ``build_transform`` brings them to ``in_chans``
@@ -499,43 +555,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
                                        per_channel(std, in_chans, "std"))
         self.splits: Splits | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            splits = load_splits(
-                self.root, self.val_fraction, self.test_fraction, self.seed, mode=None
-            )
-            if self.label_fraction < 1.0:
-                kept = carve_indices(splits.train.targets, [self.label_fraction], self.seed)[0]
-                if not kept:
-                    raise DataError(f"{self.root}: a label fraction of "
-                                    f"{self.label_fraction:g} keeps none of the "
-                                    f"{len(splits.train)} training samples")
-                splits.train = LabelledSubset(splits.train, kept)
-            self.splits = splits
-
-    def _loaded(self) -> Splits:
-        self.setup()
-        assert self.splits is not None
-        return self.splits
-
-    @property
-    def classes(self) -> list[str]:
-        return self._loaded().classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            # under DDP each rank's sampler holds len / world of them
-            drop_last=shuffle and len(dataset) // world_size() >= batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _load_splits(self) -> Splits:
+        return load_splits(self.root, self.val_fraction, self.test_fraction, self.seed,
+                           mode=None)
 
     def train_dataloader(self) -> DataLoader:
         train = TransformedDataset(self._loaded().train, self.train_transform)

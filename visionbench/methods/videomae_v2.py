@@ -45,11 +45,9 @@ script's ``--clip_grad 0.02`` is not applied (``trainer.gradient_clip_val`` is L
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from timm.models.eva import EvaBlock
 from torch import Tensor, nn
@@ -62,6 +60,7 @@ from visionbench.backbones.video_vit import (
 )
 from visionbench.backbones.weights import read_state_dict
 from visionbench.data.batch import unpack
+from visionbench.data.video.datamodule import VideoMAEPretrainTransform
 from visionbench.errors import ConfigError, WeightsError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.registry import register_method
@@ -69,7 +68,6 @@ from visionbench.methods.schedule import absolute_lr
 from visionbench.norms import norm_layer
 from visionbench.schema import LocalFile, MethodConfig
 
-MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
 DECODER_SIDE = ("decoder.", "encoder_to_decoder.", "mask_token")
 # decoder (width, heads) of the official pretrain_videomae_<size>_patch*_224 entries
 DECODER_SIZES = {192: (96, 3),  # no official tiny: half the width, as the others
@@ -92,8 +90,6 @@ class VideoMAEv2Config(MethodConfig):
     decoder_embed_dim: int | None = Field(None, gt=0)  # None: the official width of the size
     decoder_num_heads: int | None = Field(None, gt=0)
     num_sample: int = Field(4, gt=0)  # repeated augmentation: crops of each sampled clip
-    num_frames: int = Field(16, gt=0)
-    sampling_rate: int = Field(4, gt=0)  # 4 for Kinetics, 2 for SSv2
     official_weights: LocalFile = None
     figure_clips: int = Field(2, gt=0)
 
@@ -182,53 +178,19 @@ def dual_masked_loss(pred: Tensor, target: Tensor, mask: Tensor, decode_mask: Te
 # ----------------------------------------------------------------------------- transform
 
 
-def multi_scale_crop_box(height: int, width: int, size: int, rng: random.Random,
-                         scales=MULTI_SCALES) -> tuple[int, int, int, int]:
-    """``GroupMultiScaleCrop._sample_crop_size`` (``max_distort`` 1, ``more_fix_crop``):
-    ``(top, left, crop_h, crop_w)``."""
-    base = min(height, width)
-    sizes = [int(base * s) for s in scales]
-    crop_h = [size if abs(x - size) < 3 else x for x in sizes]
-    crop_w = [size if abs(x - size) < 3 else x for x in sizes]
-    pairs = [(cw, ch) for i, ch in enumerate(crop_h) for j, cw in enumerate(crop_w)
-             if abs(i - j) <= 1]
-    cw, ch = rng.choice(pairs)
-    ws, hs = (width - cw) // 4, (height - ch) // 4
-    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs),
-               (0, 2 * hs), (4 * ws, 2 * hs), (2 * ws, 4 * hs), (2 * ws, 0),
-               (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
-    left, top = rng.choice(offsets)
-    return top, left, ch, cw
-
-
 class VideoMAEv2Transform:
-    """The pretraining transform: ``num_sample`` multi-scale crops of the sampled frames
-    (uint8 ``(T, H, W, 3)``), each resized bilinearly to ``size`` and normalized:
-    ``{"video": (num_sample, 3, T, size, size)}``."""
+    """The pretraining transform: ``num_sample`` draws of ``DataAugmentationForVideoMAEv2``
+    (``VideoMAEPretrainTransform``: a multi-scale crop at a fixed offset, resized, normalized)
+    of the sampled frames (uint8 ``(T, H, W, 3)``): ``{"video": (num_sample, 3, T, size,
+    size)}``, the official repeated augmentation."""
 
-    def __init__(self, size: int, mean, std, num_sample: int = 1,
-                 seed: int | None = None) -> None:
-        self.size, self.num_sample = size, num_sample
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.rng = random.Random(seed)
-
-    def crop(self, frames: Tensor) -> Tensor:
-        """(T, 3, H, W) float in [0, 1] -> normalized (3, T, size, size)."""
-        top, left, h, w = multi_scale_crop_box(frames.shape[-2], frames.shape[-1], self.size,
-                                               self.rng)
-        crop = frames[..., top:top + h, left:left + w]
-        crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear",
-                             align_corners=False)
-        return ((crop - self.mean) / self.std).transpose(0, 1)
+    def __init__(self, size: int, mean, std, num_sample: int = 1) -> None:
+        self.crop = VideoMAEPretrainTransform(size, mean, std)
+        self.num_sample = num_sample
 
     def __call__(self, sample: dict) -> dict:
-        video = sample["video"]
-        if video.ndim != 4 or video.shape[-1] != 3:
-            raise ValueError(f"expected frames (T, H, W, 3), got {tuple(video.shape)}")
-        frames = video.permute(0, 3, 1, 2).float() / 255.0
-        clips = torch.stack([self.crop(frames) for _ in range(self.num_sample)])
-        return {**{k: v for k, v in sample.items() if k != "video"}, "video": clips}
+        clips = torch.stack([self.crop(sample)["video"] for _ in range(self.num_sample)])
+        return {**sample, "video": clips}
 
 
 # ----------------------------------------------------------------------------- model
@@ -303,9 +265,10 @@ class VideoMAEv2(PretrainModule):
         if not isinstance(encoder, VideoViT):
             raise ConfigError(f"model.backbone: VideoMAE V2 pretrains video ViTs (family "
                               f"{', '.join(cls.families)}), not {model.backbone}")
-        if encoder.patch_embed.num_frames != section.num_frames:
-            raise ConfigError(f"pretrain.num_frames {section.num_frames} differs from the "
-                              f"backbone's num_frames {encoder.patch_embed.num_frames}")
+        if encoder.patch_embed.num_frames != data.video.num_frames:
+            raise ConfigError(f"data.video.num_frames {data.video.num_frames} differs from "
+                              f"the backbone's num_frames {encoder.patch_embed.num_frames} "
+                              "(model.backbone_kwargs.num_frames)")
         return cls(encoder, section, decoder_embed_dim=section.decoder_embed_dim,
                    decoder_depth=section.decoder_depth,
                    decoder_num_heads=section.decoder_num_heads, norm=model.norm,

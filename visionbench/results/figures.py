@@ -70,11 +70,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 90) -> Path:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     _pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -174,3 +174,38 @@ def save_alpha_curves(path: Path, alphas: list[float], curves: dict[str, list[fl
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_clip_reconstruction_figure(path: Path, clips: torch.Tensor, masks: torch.Tensor,
+                                    reconstructions: torch.Tensor, grid: tuple[int, int, int],
+                                    tubelet: int, max_frames: int = 8) -> Path:
+    """Per clip three rows, its frames side by side: the clip, the clip with the encoder's
+    (tube) mask greyed out, and the reconstruction with the visible tokens pasted in.
+    ``clips`` / ``reconstructions``: (B, C, T, H, W) in [0, 1]; ``masks``: (B, t * h * w)
+    True = masked, over the token ``grid`` (t, h, w) of tubelets of ``tubelet`` frames."""
+    plt = _pyplot()
+    b, _, frames, height, width = clips.shape
+    t, h, w = grid
+    shown = torch.linspace(0, frames - 1, min(frames, max_frames)).long().tolist()
+    tokens = masks.reshape(b, t, h, w).float()
+    pixel_mask = tokens.repeat_interleave(tubelet, 1).repeat_interleave(
+        height // h, 2).repeat_interleave(width // w, 3)  # (B, T, H, W)
+    fig, axes = plt.subplots(3 * b, len(shown), figsize=(1.3 * len(shown), 4.0 * b),
+                             squeeze=False)
+    for i in range(b):
+        masked = clips[i] * (1 - pixel_mask[i])[None] + 0.5 * pixel_mask[i][None]
+        for row, (label, clip) in enumerate((("clip", clips[i]), ("tube mask", masked),
+                                             ("reconstruction", reconstructions[i]))):
+            for col, f in enumerate(shown):
+                ax = axes[3 * i + row][col]
+                frame = clip[:, f].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+                ax.imshow(frame[..., 0] if frame.shape[-1] == 1 else frame[..., :3],
+                          cmap="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    ax.set_ylabel(label, fontsize=7)
+                if i == 0 and row == 0:
+                    ax.set_title(f"frame {f}", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi=80)

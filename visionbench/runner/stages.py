@@ -289,7 +289,7 @@ def finetune_variant(run: Run, fraction: float) -> dict:
 
 def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: tuple = (),
                           keep_model: bool = False, encoder_file: Path | None = None,
-                          on_all_ranks: bool = False) -> dict:
+                          on_all_ranks: bool = False, input_key: str = "image") -> dict:
     """``eval.finetune`` (MAE's recipe) of the ``init`` backbone, its effective batch by
     accumulation, the norm schedules bound to it. ``on_all_ranks``: fitted on every rank of
     ``trainer`` (DDP), not tested; the result keeps the ``"model"`` for ``finetune_test``."""
@@ -306,7 +306,7 @@ def run_finetune_protocol(run: Run, ft_dm, init: str, out_dir: Path, callbacks: 
         {**ft.model_dump(exclude={"enabled", "batch_size", "drop_path_rate",
                                   "effective_batch_size", "auto_augment", "reprob",
                                   "label_fractions"}),
-         "seed": run.cfg.seed},
+         "seed": run.cfg.seed, "input_key": input_key},
         {**run.trainer_kwargs(distributed=on_all_ranks), "accumulate_grad_batches": accumulate},
         out_dir, callbacks=(NormSchedules(run.log), *callbacks), keep_model=keep_model,
         test=not on_all_ranks)
@@ -345,21 +345,25 @@ def finetune_test(run: Run, fitted: dict, ft_dm) -> dict:
     return {**scores, **fitted}
 
 
-def finetune(run: Run, init: str, out: Path, encoder_file: Path | None = None) -> None:
+def finetune(run: Run, init: str, out: Path, encoder_file: Path | None = None,
+             datamodule: Callable | None = None, input_key: str = "image") -> None:
     """Stages: the fine-tune of ``init`` on each of ``eval.finetune.label_fractions`` of
     the training labels (``out/finetune.json``, ``out/finetune_labels<pct>.json``), fitted
-    on every rank (DDP), tested on rank 0."""
+    on every rank (DDP), tested on rank 0. ``datamodule(run, fraction)`` gives the data
+    (default ``finetune_datamodule``: images), whose batches hold ``input_key``."""
     name = init_name(run, init)
+    datamodule = datamodule or finetune_datamodule
     for fraction in run.cfg.eval.finetune.label_fractions:
         file = finetune_file(fraction)
         labels = "" if fraction == 1.0 else f":labels={label_percent(fraction)}"
 
         def fit(fraction: float = fraction, file: str = file) -> None:
-            dm = finetune_datamodule(run, fraction)
+            dm = datamodule(run, fraction)
             run.log(f"[{name}] fine-tune on {label_percent(fraction)} of the labels "
-                    f"({len(dm.splits.train)} images), {run.cfg.eval.finetune.epochs} epochs")
+                    f"({len(dm.splits.train)} samples), {run.cfg.eval.finetune.epochs} epochs")
             fitted = run_finetune_protocol(run, dm, init, out / f"{Path(file).stem}_logs",
-                                           encoder_file=encoder_file, on_all_ranks=True)
+                                           encoder_file=encoder_file, on_all_ranks=True,
+                                           input_key=input_key)
             if not is_global_zero():
                 return
             result = finetune_test(run, fitted, dm)
@@ -438,9 +442,11 @@ def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) 
     stage(run, f"detection:{init_name(run, init)}", out / "detection.json", fit, train=True)
 
 
-def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
+def transfer(run: Run, init: str, dm, encoder_file: Path | None = None,
+             finetune_data: Callable | None = None, input_key: str = "image") -> Path:
     """The transfer protocols of ``eval`` on one init: linear probe, kNN, and (when
-    enabled) fine-tune and detection; their JSONs in ``evals/<init>/`` (returned)."""
+    enabled) fine-tune (on ``finetune_data(run, fraction)``, batches of ``input_key``) and
+    detection; their JSONs in ``evals/<init>/`` (returned)."""
     name = init_name(run, init)
     out = run.dir / "evals" / name
 
@@ -450,7 +456,7 @@ def transfer(run: Run, init: str, dm, encoder_file: Path | None = None) -> Path:
     linear_probe(run, name, backbone, dm, out)
     knn(run, name, backbone, dm, out)
     if run.cfg.eval.finetune.enabled:
-        finetune(run, init, out, encoder_file)
+        finetune(run, init, out, encoder_file, finetune_data, input_key)
     if run.cfg.eval.detection is not None and run.cfg.eval.detection.enabled:
         detection(run, init, out, encoder_file)
     return out
