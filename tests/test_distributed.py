@@ -142,3 +142,22 @@ def test_pixpro_detection_trains_on_two_gloo_processes(tmp_path):
     assert result["config"]["devices"] == 2 and result["config"]["batch_size"] == 4
     assert len(result["predictions"]) == 2  # the dry run's 2 test images, tested once
     assert len(result["history"]) == 1 and result["history"][0]["step"] == 2
+
+
+@pytest.mark.slow
+def test_videomae_v2_pretrains_and_finetunes_on_two_gloo_processes(tmp_path):
+    from tests.test_videomae_v2 import TOY as VIDEO_TOY
+    from visionbench.data.video.synthetic import MOTION_CLASSES
+
+    out, board = tmp_path / "runs", tmp_path / "lb.csv"
+    result = visionbench("run", "videomae-v2", *VIDEO_TOY, "--set", "data.batch_size=4",
+                         "--set", "eval.finetune.batch_size=4", "--devices", "2",
+                         "--strategy", "ddp", "--set", "trainer.accelerator=cpu",
+                         "--out", str(out), "--leaderboard", str(board), cwd=tmp_path,
+                         timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    run = only_run(out)
+    tuned = json.loads((run / "evals" / "videomae_v2" / "finetune.json").read_text())
+    assert tuned["samples"]["n"] == 2 * len(MOTION_CLASSES)  # every test video, on rank 0
+    assert set(read_leaderboard(board).init) == {"videomae_v2", "random"}

@@ -536,3 +536,26 @@ def test_the_class_is_in_the_motion_not_in_any_frame(motion: Path) -> None:
                            frame_features(val[:, part].reshape(-1, *val.shape[2:])),
                            np.repeat(y_val, 3), k, wd=1e-2)
         assert acc < 2 * chance, (start, acc)
+
+
+def test_loader_workers_read_clips_after_this_process_decoded_one(motion: Path) -> None:
+    """A worker forked after PyAV decoded in its parent hung; workers start from a fork
+    server. Run in a subprocess so a regression fails on the timeout instead of hanging."""
+    import subprocess
+    import sys
+
+    script = (
+        "from visionbench.data.video.datamodule import VideoClassificationDataModule as D\n"
+        "from visionbench.data.video.readers import read_video\n"
+        "import sys\n"
+        "if __name__ == '__main__':\n"
+        "    root = sys.argv[1]\n"
+        "    dm = D(root, image_size=16, batch_size=8, num_workers=1, num_frames=8,\n"
+        "           sampling_rate=2)\n"
+        "    dm.setup()\n"
+        "    read_video(next(iter(sorted(__import__('pathlib').Path(root).rglob('*.mp4')))))\n"
+        "    print(sum(b['video'].shape[0] for b in dm.train_dataloader()))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(motion)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == TRAIN * len(MOTION_CLASSES)

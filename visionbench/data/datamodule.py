@@ -460,6 +460,7 @@ class LabelledDataModule(L.LightningDataModule):
     seed: int
     num_workers: int
     splits: Splits | None
+    worker_start: str | None = None  # the workers' multiprocessing start method; None: default
 
     def _load_splits(self) -> Splits:
         raise NotImplementedError(f"{type(self).__name__} loads its splits")
@@ -502,6 +503,7 @@ class LabelledDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) // world_size() >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=self.worker_start if self.num_workers > 0 else None,
         )
 
 

@@ -320,6 +320,10 @@ class VideoClassificationDataModule(LabelledDataModule):
     share of the training split.
     """
 
+    # Loader workers start from a fork server, not a fork: a worker forked after this
+    # process decoded with PyAV (a figure, features on rank 0) hangs in its first decode.
+    worker_start = "forkserver"
+
     def __init__(
         self,
         root: str | Path | None,
