@@ -82,3 +82,11 @@ def test_videomae_v2_killed_mid_pretraining_resumes_and_finishes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming pretraining from" in result.stdout
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_a_data_root_without_its_train_list_is_refused_before_a_run_folder(tmp_path):
+    (tmp_path / "k400").mkdir()
+    result = visionbench("run", "videomae-v2", "--data-root", str(tmp_path / "k400"),
+                         "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2 and "train.csv: train list not found" in result.stderr
+    assert not (tmp_path / "runs").exists()

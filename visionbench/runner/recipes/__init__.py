@@ -10,7 +10,7 @@ from visionbench.runner.recipes.classification import (
 from visionbench.runner.recipes.ln_removal import run_ln_removal
 from visionbench.runner.recipes.norm_ablation import run_norm_ablation
 from visionbench.runner.recipes.unip_infrared import check_unip_data, run_unip_infrared
-from visionbench.runner.recipes.video import run_video
+from visionbench.runner.recipes.video import check_video_data, run_video
 
 RECIPES = {
     "classification": run_classification,
@@ -21,6 +21,6 @@ RECIPES = {
     "video": run_video,
 }
 PREFLIGHTS = {"classification": check_classification_data, "unip_infrared": check_unip_data,
-              "alpha_bn": check_alpha_bn_data}
+              "alpha_bn": check_alpha_bn_data, "video": check_video_data}
 
 __all__ = ["PREFLIGHTS", "RECIPES"]

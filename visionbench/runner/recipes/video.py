@@ -37,6 +37,19 @@ def video_root(run: Run):
                                 test_per_class=d.synth.test_per_class)
 
 
+def check_video_data(cfg) -> None:
+    """Before a run folder exists: the list files under ``--data-root`` read (a missing
+    ``train.csv`` or a malformed line is a DataError naming it); clips are decoded later."""
+    if cfg.data.root is None:
+        return
+    v = cfg.data.video
+    VideoClassificationDataModule(
+        cfg.data.root, image_size=cfg.data.image_size, val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction, seed=cfg.seed, num_frames=v.num_frames,
+        sampling_rate=v.sampling_rate, test_num_segment=v.test_clips,
+        test_num_crop=v.test_crops).setup()
+
+
 def video_datamodule(run: Run, train_kind: str = "finetune", train_transform=None,
                      batch_size: int | None = None,
                      label_fraction: float = 1.0) -> VideoClassificationDataModule:
