@@ -146,7 +146,7 @@ def test_pixpro_detection_trains_on_two_gloo_processes(tmp_path):
 
 @pytest.mark.slow
 def test_videomae_v2_pretrains_and_finetunes_on_two_gloo_processes(tmp_path):
-    from tests.test_videomae_v2 import TOY as VIDEO_TOY
+    from tests.test_videomae_v2_experiment import TOY as VIDEO_TOY
     from visionbench.data.video.synthetic import MOTION_CLASSES
 
     out, board = tmp_path / "runs", tmp_path / "lb.csv"
