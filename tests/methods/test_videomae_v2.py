@@ -206,6 +206,9 @@ def test_official_checkpoint_loads_by_its_keys_and_rejects_others(tmp_path):
 
 def test_pretrain_loss_folds_the_repeated_samples_and_trains():
     module = tiny_module()
+    no_decay, decay = module.optimizer_groups()
+    assert any(p is module.mask_token for p in no_decay["params"])  # get_parameter_groups
+    assert all(p.ndim > 1 for p in decay["params"])
     batch = {"video": torch.randn(2, 3, 3, FRAMES, SIZE, SIZE)}  # 2 videos x 3 samples
     loss = module.pretrain_loss(batch)
     loss.backward()

@@ -64,7 +64,7 @@ from visionbench.data.video.datamodule import VideoMAEPretrainTransform
 from visionbench.errors import ConfigError, WeightsError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.registry import register_method
-from visionbench.methods.schedule import absolute_lr
+from visionbench.methods.schedule import absolute_lr, weight_decay_groups
 from visionbench.norms import norm_layer
 from visionbench.schema import LocalFile, MethodConfig
 
@@ -281,6 +281,11 @@ class VideoMAEv2(PretrainModule):
     @classmethod
     def train_transform(cls, section: VideoMAEv2Config, data):
         return VideoMAEv2Transform(data.image_size, data.mean, data.std, section.num_sample)
+
+    def optimizer_groups(self) -> list[dict]:
+        """``optim_factory.get_parameter_groups``: no decay on 1-D parameters, biases and
+        the model's ``no_weight_decay`` names (the mask token)."""
+        return weight_decay_groups(self, self.weight_decay, skip={"mask_token"})
 
     def configure_optimizers(self):
         optimizer = super().configure_optimizers()
