@@ -187,12 +187,30 @@ def test_loss_equals_the_official_forward_in_float64():
     assert float(ours) == pytest.approx(float(reference), abs=1e-5, rel=1e-9)
 
 
+def official_keys(enc_depth: int, dec_depth: int) -> set[str]:
+    """The state-dict keys of the official ``PretrainVisionTransformer`` (qkv without bias,
+    q_bias / v_bias, no LayerScale at init_values 0, sinusoid tables not stored)."""
+    block = ["norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight",
+             "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+             "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    keys = {"encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias",
+            "encoder.norm.weight", "encoder.norm.bias", "encoder_to_decoder.weight",
+            "mask_token", "decoder.norm.weight", "decoder.norm.bias", "decoder.head.weight",
+            "decoder.head.bias"}
+    keys |= {f"encoder.blocks.{i}.{k}" for i in range(enc_depth) for k in block}
+    keys |= {f"decoder.blocks.{i}.{k}" for i in range(dec_depth) for k in block}
+    return keys
+
+
 def test_official_checkpoint_loads_by_its_keys_and_rejects_others(tmp_path):
     source = tiny_module()
+    assert set(source.state_dict()) == official_keys(2, 1)
     for param in source.parameters():
         param.data.normal_()
     path = tmp_path / "checkpoint-199.pth"
-    torch.save({"model": source.state_dict(), "epoch": 199}, path)  # run_mae_pretraining's
+    # run_mae_pretraining.py saves a torch.compile'd model: every key under _orig_mod.
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in source.state_dict().items()},
+                "epoch": 199}, path)
     target = tiny_module()
     assert "tensors" in target.load_official(str(path))
     for key, value in source.state_dict().items():
@@ -230,3 +248,17 @@ def test_the_transform_draws_num_sample_crops_of_the_same_frames():
     torch.manual_seed(0)
     crops = transform({"video": ramp})["video"]
     assert len({tuple(c[0, 0, 0, :2].tolist()) for c in crops}) > 1  # crops differ
+
+
+def test_an_official_pretraining_checkpoint_loads_as_a_backbone(tmp_path):
+    from visionbench.backbones import load_backbone_weights
+
+    source = tiny_module()
+    for param in source.parameters():
+        param.data.normal_()
+    path = tmp_path / "checkpoint-199.pth"
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}}, path)
+    target = tiny_module().encoder
+    load_backbone_weights(target, path, strict=True)  # the decoder side is set aside
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -28,8 +28,9 @@ from visionbench.backbones.pos_embed import resize_pos_embed
 from visionbench.errors import WeightsError
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
-PREFIXES = ("module.", "encoder.", "backbone.", "model.")
-DECODER_KEYS = ("mask_token", "decoder_")
+# "_orig_mod.": a torch.compile'd model's state dict (VideoMAE V2's run_mae_pretraining.py)
+PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
+DECODER_KEYS = ("mask_token", "decoder_", "decoder.", "encoder_to_decoder.")  # MAE, VideoMAE
 CLASSIFIER_KEYS = ("fc_norm.", "head.")
 
 

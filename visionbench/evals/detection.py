@@ -477,7 +477,8 @@ def precise_bn_update(model: nn.Module, batches: Iterator, num_iters: int,
     """detectron2's ``PreciseBN`` hook: each BatchNorm in train mode gets running statistics
     equal to the mean of its batch statistics over ``num_iters`` training batches (PyTorch's
     cumulative average, ``momentum=None``); with a distributed ``fabric`` every rank runs its
-    own batches and the statistics are averaged over the ranks (the mean over all of them).
+    own batches and the ranks' statistics are averaged (as detectron2; the mean of the ranks'
+    variances leaves out the spread of their means).
     Returns how many BN layers were updated."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]

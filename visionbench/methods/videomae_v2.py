@@ -38,8 +38,9 @@ Follows OpenGVLab/VideoMAEv2:
 
 Deviations: the schedule is MAE's per-step warmup + half-cycle cosine from the fractional
 epoch (the official ``cosine_scheduler`` is the same curve as an array of per-step values,
-its warmup a ``linspace`` that ends one step later); masks are drawn in the module from
-torch's generator instead of numpy's in the data loader (same distributions); the giant
+its warmup a ``linspace`` that ends one step later); masks are drawn in the module from a
+torch generator of each rank (seeded by the run's seed and the rank, restarted on resume)
+instead of numpy's in each data-loader worker (same distributions); the giant
 script's ``--clip_grad 0.02`` is not applied (``trainer.gradient_clip_val`` is Lightning's).
 """
 
@@ -295,10 +296,18 @@ class VideoMAEv2(PretrainModule):
         return optimizer
 
     # -- masks -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # every rank draws its own masks (the official seeds each rank with seed + rank);
+        # the global generator is seeded alike on every rank
+        self.mask_generator = torch.Generator().manual_seed(
+            int(torch.initial_seed()) % 2**31 + 7919 * self.global_rank)
+
     def masks(self, batch: int, generator: torch.Generator | None = None
               ) -> tuple[Tensor, Tensor]:
         """(encoder tube mask, decoder mask) for ``batch`` clips, True = masked; without
-        decoder masking the decoder reconstructs exactly the encoder-masked tokens."""
+        decoder masking the decoder reconstructs exactly the encoder-masked tokens. Drawn
+        from ``generator``, else during a fit from this rank's own generator."""
+        generator = generator or getattr(self, "mask_generator", None)
         mask = tube_mask(batch, self.grid, self.mask_ratio, generator)
         if self.decoder_mask_ratio > 0:
             phase = torch.randint(0, 4, (batch,), generator=generator)

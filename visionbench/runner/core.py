@@ -116,17 +116,18 @@ def trainer_kwargs(cfg: ExperimentConfig, distributed: bool) -> dict:
     return kw
 
 
-def launched_fabric(cfg: ExperimentConfig) -> L.Fabric:
-    """A launched Lightning Fabric over the devices, strategy and precision of ``trainer``,
-    for a training stage with a loop of its own (detection). Under Lightning's launcher it
-    joins the processes (and the process group) the Trainer made; launched first, it starts
-    them, as the Trainer would."""
+def launched_fabric(cfg: ExperimentConfig, precision: str | None = None) -> L.Fabric:
+    """A launched Lightning Fabric over the devices and strategy of ``trainer``, at
+    ``precision`` (default ``trainer``'s), for a training stage with a loop of its own
+    (detection). Under Lightning's launcher it joins the processes (and the process group)
+    the Trainer made; launched first, it starts them, as the Trainer would."""
     t = cfg.trainer
     strategy = t.strategy
     if strategy == "ddp":  # the Trainer's timeout (trainer_kwargs)
         strategy = FabricDDPStrategy(timeout=timedelta(hours=t.barrier_timeout_hours))
     fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, strategy=strategy,
-                      num_nodes=t.num_nodes, precision=t.precision or default_precision())
+                      num_nodes=t.num_nodes,
+                      precision=precision or t.precision or default_precision())
     fabric.launch()
     return fabric
 

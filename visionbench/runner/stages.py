@@ -178,15 +178,16 @@ def evaluation_backbone(run: Run, init: str, drop_path_rate: float = 0.0,
                         model=None) -> torch.nn.Module:
     """The backbone of ``init``: random, ``model.weights``, or the run's pretrained encoder
     (``encoder_file``, default ``checkpoints/encoder.safetensors``). For fine-tuning its
-    position embedding is trainable, as MAE's ``models_vit.py`` (a plain timm ViT)
-    fine-tunes the pretrained sin-cos values."""
+    position embedding, where it is a parameter, is trainable, as MAE's ``models_vit.py``
+    (a plain timm ViT) fine-tunes the pretrained sin-cos values; the video ViT's fixed
+    table stays fixed, as VideoMAE's fine-tune keeps it."""
     backbone = build_encoder(run, drop_path_rate, model=model)
     if init == "pretrained":
         path = run.cfg.model.weights or encoder_file or run.dir / "checkpoints" / ENCODER_FILE
         report = load_backbone_weights(backbone, path, strict=run.cfg.model.weights is None)
         run.log(report.summary())
-    if finetune and getattr(backbone, "pos_embed", None) is not None:
-        backbone.pos_embed.requires_grad_(True)
+    if finetune and isinstance(getattr(backbone, "pos_embed", None), torch.nn.Parameter):
+        backbone.pos_embed.requires_grad_(True)  # a fixed table held as a buffer stays fixed
     return backbone
 
 
@@ -415,7 +416,9 @@ def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) 
     det = run.cfg.eval.detection
 
     def fit() -> None:
-        fabric = launched_fabric(run.cfg)
+        # float32 as detectron2's reference (AMP off): torchvision decodes boxes in the
+        # autocast dtype, and bf16 spaces them 4-8 px apart near 1000 px
+        fabric = launched_fabric(run.cfg, precision="32-true")
         train, test, classes = detection_sets(run)
         dry = run.cfg.trainer.fast_dev_run
         if dry:
