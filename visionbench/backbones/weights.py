@@ -148,17 +148,24 @@ def load_classifier_weights(backbone: nn.Module, head: nn.Linear, path: str | Pa
     head_state = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
     body = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     for module, part, name in ((backbone, body, "backbone"), (head, head_state, "head")):
-        own = module.state_dict()
-        missing, unexpected = sorted(set(own) - set(part)), sorted(set(part) - set(own))
-        if missing or unexpected:
-            raise WeightsError(f"{path}: {name} keys do not match: missing {missing[:4]}, "
-                               f"unexpected {unexpected[:4]}")
-        for key, value in part.items():
-            if own[key].shape != value.shape:
-                raise WeightsError(f"{path}: {key} has shape {tuple(value.shape)}, the model "
-                                   f"expects {tuple(own[key].shape)} (another class count?)")
-        module.load_state_dict(part, strict=True)
+        load_exactly(module, part, path, f"{name} keys", " (another class count?)")
     return f"loaded the classifier {path} ({len(state)} tensors)"
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+                 what: str, shape_hint: str = "") -> None:
+    """Load ``state`` into ``module`` when its keys and shapes are the module's exactly;
+    else a WeightsError naming ``path``, ``what`` did not match and a few of the keys."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: {what} do not match: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise WeightsError(f"{path}: {key} has shape {tuple(value.shape)}, the model "
+                               f"expects {tuple(own[key].shape)}{shape_hint}")
+    module.load_state_dict(state, strict=True)
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:

@@ -59,10 +59,10 @@ from visionbench.backbones.video_vit import (
     sinusoid_table,
     visible_tokens,
 )
-from visionbench.backbones.weights import read_state_dict
+from visionbench.backbones.weights import load_exactly, read_state_dict
 from visionbench.data.batch import unpack
 from visionbench.data.video.datamodule import VideoMAEPretrainTransform
-from visionbench.errors import ConfigError, WeightsError
+from visionbench.errors import ConfigError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.registry import register_method
 from visionbench.methods.schedule import absolute_lr, weight_decay_groups
@@ -370,22 +370,11 @@ class VideoMAEv2(PretrainModule):
         """An official pretraining checkpoint (``checkpoint["model"]`` of
         ``run_mae_pretraining.py``): its keys are this module's (``encoder.*``,
         ``decoder.*``, ``encoder_to_decoder.weight``, ``mask_token``; the sinusoid tables
-        are not stored), so the documented mapping is the identity (a ``module.`` prefix of
-        a DDP save dropped), checked strictly."""
+        are not stored), so the documented mapping is the identity (the ``module.`` prefix of
+        a DDP save and the ``_orig_mod.`` of a compiled model dropped), checked strictly."""
         state = {key if key.startswith(DECODER_SIDE) else f"encoder.{key}": value
                  for key, value in read_state_dict(path).items()}  # it strips "encoder."
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise WeightsError(f"{path}: keys do not match VideoMAE V2 "
-                               f"({self.encoder.embed_dim}d): missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        for key, value in state.items():
-            if own[key].shape != value.shape:
-                raise WeightsError(f"{path}: {key} has shape {tuple(value.shape)}, expected "
-                                   f"{tuple(own[key].shape)}")
-        self.load_state_dict(state, strict=True)
+        load_exactly(self, state, path, f"keys of VideoMAE V2 ({self.encoder.embed_dim}d)")
         return f"loaded official VideoMAE V2 checkpoint {path} ({len(state)} tensors)"
 
 
