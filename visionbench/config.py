@@ -51,13 +51,17 @@ class VideoDataConfig(Strict):
     """Clips (VideoMAE's loaders): ``num_frames`` at stride ``sampling_rate`` (4 for
     Kinetics, 2 for SSv2); the test scores ``test_clips`` evenly spaced clips x
     ``test_crops`` spatial crops (Kinetics 5 x 3, SSv2 2 x 3); the embedded motion clips
-    are ``clip_frames`` long."""
+    are ``clip_frames`` long; the fine-tune trains on ``finetune_samples`` augmented draws of
+    each sampled clip."""
 
     num_frames: int = Field(16, gt=0)
     sampling_rate: int = Field(4, gt=0)
     test_clips: int = Field(5, gt=0)
     test_crops: int = Field(3, gt=0)
     clip_frames: int = Field(32, gt=0)
+    # the fine-tune's repeated augmentation (run_class_finetuning.py --num_sample 2): draws
+    # of eval.finetune's augmentation per sampled training clip, each a sample of the batch
+    finetune_samples: int = Field(2, gt=0)
 
 
 class DataConfig(Strict):

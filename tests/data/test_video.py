@@ -15,8 +15,10 @@ from visionbench.data.video.datamodule import (
     VideoFinetuneTransform,
     VideoMAEPretrainTransform,
     VideoMultiViewTransform,
+    clip_rand_augment,
     multiscale_crop_box,
     random_resized_crop_box,
+    same_on_every_frame,
 )
 from visionbench.data.video.readers import (
     ClassificationListDataset,
@@ -362,6 +364,46 @@ def test_eval_and_train_transforms_on_tensors() -> None:
         top, left, h, w = multiscale_crop_box(20, 30, 12)
         assert (h, w) != (0, 0) and top + h <= 20 and left + w <= 30
         assert h in (20, 17, 15, 13, 12) and w in (20, 17, 15, 13, 12)
+
+
+def test_rand_augment_draws_once_for_all_frames_of_a_clip() -> None:
+    import random
+
+    still = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 24, 24, 3),
+                                                               dtype=np.uint8)).repeat(5, 1, 1, 1)
+    policy = clip_rand_augment("rand-m9-n3-mstd0", 24)
+    changed = 0
+    for seed in range(8):
+        random.seed(seed)
+        np.random.seed(seed)
+        out = same_on_every_frame(policy, still)
+        assert out.shape == still.shape and out.dtype == torch.uint8
+        assert (out == out[:1]).all()  # one draw: the same ops and magnitudes on every frame
+        changed += int(not torch.equal(out, still))
+    assert changed >= 4
+    for bad in ("rand-x9", "v0"):
+        with pytest.raises(ConfigError, match="auto_augment"):
+            clip_rand_augment(bad, 24)
+
+
+def test_finetune_transform_repeats_draws_and_erases_each_frame_on_its_own() -> None:
+    sample = {"video": torch.full((4, 20, 20, 3), 128, dtype=torch.uint8), "label": 1}
+    torch.manual_seed(0)
+    out = VideoFinetuneTransform(16, auto_augment="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
+                                 num_sample=3)(sample)
+    assert out["video"].shape == (3, 3, 4, 16, 16) and out["label"] == 1
+    out = VideoFinetuneTransform(16, reprob=1.0, num_sample=2)(sample)
+    grey = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    for draw in out["video"]:
+        erased = (draw - grey.view(3, 1, 1, 1)).abs().amax(dim=0) > 1e-4  # (T, H, W)
+        assert erased.flatten(1).any(dim=1).all()  # a box in every frame ...
+        assert len({tuple(frame.nonzero().min(0).values.tolist()) for frame in erased}) > 1
+    assert not torch.equal(out["video"][0], out["video"][1])  # ... at other places
+    plain = VideoFinetuneTransform(16)(sample)["video"]
+    assert plain.shape == (3, 4, 16, 16) and torch.allclose(plain, grey.view(3, 1, 1, 1)
+                                                            .expand_as(plain), atol=1e-5)
+    with pytest.raises(ConfigError, match="num_sample"):
+        VideoFinetuneTransform(16, num_sample=0)
 
 
 # ----------------------------------------------------------------------------- datamodule

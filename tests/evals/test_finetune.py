@@ -171,3 +171,21 @@ def test_video_views_are_scored_by_their_mean_softmax_as_the_official_merge():
                           atol=1e-5)
     with pytest.raises(ConfigError, match="input_key"):
         FineTuneClassifier(backbone, 4, base_lr=1e-3, input_key="points")
+
+
+def test_repeated_augmentation_trains_each_draw_with_its_clips_label():
+    from visionbench.backbones import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("video_vit_small_patch16_224", img_size=16, patch_size=8,
+                               num_frames=2, embed_dim=16, depth=1, num_heads=2)
+    model = FineTuneClassifier(backbone, 4, base_lr=1e-3, input_key="video",
+                               label_smoothing=0.0).eval()
+    model.log = lambda *args, **kwargs: None
+    draws = torch.randn(3, 2, 3, 2, 16, 16)  # 3 clips x 2 draws (num_sample 2)
+    labels = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        loss = model.training_step({"video": draws, "label": labels}, 0)
+        flat = model(draws.reshape(6, 3, 2, 16, 16))
+    expected = F.cross_entropy(flat, torch.tensor([0, 0, 3, 3, 1, 1]))
+    assert torch.allclose(loss, expected, atol=1e-6)

@@ -237,6 +237,25 @@ def test_pretrain_loss_folds_the_repeated_samples_and_trains():
     assert recon.shape == video01.shape and mask.shape == (2, 2 * 4 * 4)
 
 
+def test_clip_grad_clips_the_total_gradient_norm_before_the_step():
+    import lightning as L
+
+    module = VideoMAEv2(tiny_module().encoder, VideoMAEv2Config(clip_grad=0.02),
+                        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=HEADS)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    module.pretrain_loss({"video": torch.randn(2, 3, FRAMES, SIZE, SIZE)},
+                         generator_seed=0).backward()
+
+    def total_norm() -> float:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    assert total_norm() > 0.05
+    module.configure_gradient_clipping(optimizer)  # what Lightning calls before the step
+    assert total_norm() == pytest.approx(0.02, rel=1e-4)
+
+
 def test_the_transform_draws_num_sample_crops_of_the_same_frames():
     transform = VideoMAEv2Transform(32, (0.5,) * 3, (0.25,) * 3, num_sample=4)
     frames = torch.full((FRAMES, 40, 48, 3), 255, dtype=torch.uint8)
@@ -262,3 +281,26 @@ def test_an_official_pretraining_checkpoint_loads_as_a_backbone(tmp_path):
     load_backbone_weights(target, path, strict=True)  # the decoder side is set aside
     for key, value in source.encoder.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_an_official_finetuned_checkpoint_loads_its_blocks_and_sets_its_classifier_aside(
+        tmp_path):
+    """``modeling_finetune.VisionTransformer`` with mean pooling (the fine-tuned and the
+    distilled releases): no ``norm`` (Identity), ``fc_norm`` and ``head`` after pooling."""
+    from visionbench.backbones import load_backbone_weights
+
+    source = tiny_module().encoder
+    state = {k: v.normal_() for k, v in source.state_dict().items() if not k.startswith("norm.")}
+    dim = source.embed_dim
+    state |= {"fc_norm.weight": torch.randn(dim), "fc_norm.bias": torch.randn(dim),
+              "head.weight": torch.randn(400, dim), "head.bias": torch.randn(400)}
+    path = tmp_path / "vit_b_k710_dl_from_giant.pth"
+    torch.save({"module": state}, path)
+    target = tiny_module().encoder
+    report = load_backbone_weights(target, path)
+    assert report.missing == ["norm.bias", "norm.weight"] and not report.unexpected
+    assert set(report.set_aside) == {"fc_norm.weight", "fc_norm.bias", "head.weight",
+                                     "head.bias"}
+    for key, value in state.items():
+        if not key.startswith(("fc_norm.", "head.")):
+            assert torch.equal(target.state_dict()[key], value), key

@@ -328,7 +328,6 @@ def finetune_augmentation(image_size: int, mean: Sequence[float], std: Sequence[
     ``build_transform``: timm's ``create_transform`` with RandomResizedCrop(0.08, 1) bicubic,
     flip, RandAugment ``auto_augment``, then normalize and RandomErasing(``reprob``, pixel
     mode, one box)). Returns ``(PIL ops, tensor ops after Normalize)``."""
-    from timm.data import auto_augment as timm_augment
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
 
@@ -346,10 +345,17 @@ def finetune_augmentation(image_size: int, mean: Sequence[float], std: Sequence[
                           f"augmentation policy ({err})") from None
     erasing = [t for t in final.transforms if isinstance(t, RandomErasing)]
     for policy in secondary.transforms:
-        for op in getattr(policy, "ops", []):
-            if op.aug_fn is timm_augment.posterize:
-                op.aug_fn = _posterize
+        zero_bit_posterize(policy)
     return list(primary.transforms) + list(secondary.transforms), erasing
+
+
+def zero_bit_posterize(policy) -> None:
+    """A timm augmentation policy's posterize ops made to take 0 bits (``_posterize``)."""
+    from timm.data import auto_augment as timm_augment
+
+    for op in getattr(policy, "ops", []):
+        if op.aug_fn is timm_augment.posterize:
+            op.aug_fn = _posterize
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:

@@ -225,6 +225,11 @@ class FineTuneClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = self.inputs(batch)
+        if images.ndim == INPUT_NDIM[self.hparams.input_key] + 1:
+            # repeated augmentation (B, S, ...): S samples of each with its label, in the
+            # order of VideoMAE's multiple_samples_collate
+            targets = targets.repeat_interleave(images.shape[1])
+            images = images.flatten(0, 1)
         if self.mixup_fn is not None:
             images, targets = self.mix(images, targets)
         loss = self.criterion(self(images), targets)

@@ -40,8 +40,10 @@ Deviations: the schedule is MAE's per-step warmup + half-cycle cosine from the f
 epoch (the official ``cosine_scheduler`` is the same curve as an array of per-step values,
 its warmup a ``linspace`` that ends one step later); masks are drawn in the module from a
 torch generator of each rank (seeded by the run's seed and the rank, restarted on resume)
-instead of numpy's in each data-loader worker (same distributions); the giant
-script's ``--clip_grad 0.02`` is not applied (``trainer.gradient_clip_val`` is Lightning's).
+instead of numpy's in each data-loader worker (same distributions). ``clip_grad`` is the
+scripts' ``--clip_grad`` (``vit_g_hybrid_pt.sh``: 0.02; the others: none), the total gradient
+norm clipped before each step (``NativeScalerWithGradNormCount``: ``clip_grad_norm_`` after
+unscaling), through Lightning's ``clip_gradients``.
 """
 
 from __future__ import annotations
@@ -91,11 +93,12 @@ class VideoMAEv2Config(MethodConfig):
     decoder_embed_dim: int | None = Field(None, gt=0)  # None: the official width of the size
     decoder_num_heads: int | None = Field(None, gt=0)
     num_sample: int = Field(4, gt=0)  # repeated augmentation: crops of each sampled clip
+    clip_grad: float | None = Field(None, gt=0)  # max gradient norm; ViT-g: 0.02
     official_weights: LocalFile = None
     figure_clips: int = Field(2, gt=0)
 
     @model_validator(mode="after")
-    def _absolute_min_lr_unused(self):
+    def _min_lr_is_min_blr(self):
         if self.min_lr:
             raise ValueError("min_lr: VideoMAE V2 scales its minimum lr with the batch; set "
                              "min_blr (min lr = min_blr x batch / 256) instead")
@@ -237,6 +240,7 @@ class VideoMAEv2(PretrainModule):
         self.encoder = encoder
         self.mask_ratio, self.decoder_mask_ratio = mask_ratio, decoder_mask_ratio
         self.normalize_target = normalize_target
+        self.clip_grad = schedule.clip_grad
         self.grid = encoder.grid_size
         self.patch = encoder.patch_embed.patch_size
         self.tubelet = encoder.patch_embed.tubelet_size
@@ -294,6 +298,14 @@ class VideoMAEv2(PretrainModule):
         self.min_lr = absolute_lr(self.min_blr, self.batch_size,
                                   trainer.accumulate_grad_batches, trainer.world_size)
         return optimizer
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """``clip_grad``, else the trainer's ``gradient_clip_val``."""
+        if self.clip_grad is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.clip_grad, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     # -- masks -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -5,14 +5,23 @@ Transforms work on tensors: a reader's ``uint8 (T, H, W, 3)`` clip becomes float
 output is ``(C, T, H, W)``, the official's ``volume_transforms.ClipToTensor`` layout,
 normalized per channel by ``mean`` / ``std`` (the official: ImageNet's, on [0, 1]).
 
-- ``VideoFinetuneTransform``: ``dataset/datasets.py`` ``VideoClsDataset._aug_frame``
-  (``spatial_sampling`` with ``video_transforms.random_resized_crop``: area scale
+- ``VideoFinetuneTransform``: ``dataset/datasets.py`` ``VideoClsDataset._aug_frame``:
+  RandAugment (``--aa``, the scripts' default ``rand-m7-n4-mstd0.5-inc1``) on the uint8
+  frames, the same ops and magnitudes on every frame (``video_transforms.
+  create_random_augment``: ``translate_const`` 0.45 x the crop size, bicubic, grey fill);
+  then ``spatial_sampling`` with ``video_transforms.random_resized_crop`` (area scale
   (0.08, 1), log-uniform aspect ratio (3/4, 4/3), 10 tries then a central crop, bilinear
-  resize without antialiasing; horizontal flip with probability 0.5, off for SSv2).
-  Deviations: no RandAugment (the official's ``--aa rand-m7-n4-mstd0.5-inc1``), no
-  RandomErasing (``--reprob``), no mixup / cutmix (those are the method's), and the
-  normalization comes after the crop (the official normalizes first; bilinear resizing is
-  affine, so the result is the same).
+  resize without antialiasing) and a horizontal flip with probability 0.5 (off for SSv2);
+  then RandomErasing (``--reprob`` 0.25, pixel mode, one box) of each frame on its own (the
+  official erases the ``T C H W`` clip as a batch of frames). Repeated augmentation
+  (``--num_sample`` 2): ``num_sample`` such draws of the same sampled frames
+  (``multiple_samples_collate`` flattens them into the batch, each with the clip's label).
+  Deviations: timm's RandAugment (``rand_augment_transform``, replayed from one random
+  state for every frame) stands in for the official's copy of an older timm
+  (``dataset/rand_augment.py``, the same ops, whose translations take
+  ``translate_const``); the normalization comes after the crop (the official normalizes
+  first; bilinear resizing is affine, so the result is the same); mixup / cutmix are the
+  fine-tune's, on the batch.
 - ``VideoMAEPretrainTransform``: ``dataset/pretrain_datasets.py``
   ``DataAugmentationForVideoMAEv2`` (``transforms.GroupMultiScaleCrop(input_size,
   [1, .875, .75, .66])``: a crop side pair from those fractions of the short side, at most
@@ -33,12 +42,15 @@ Deviation for both eval modes: the official's ``--short_side_size`` is the crop 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from visionbench.backbones.sealed import InputSpec
@@ -51,6 +63,7 @@ from visionbench.data.datamodule import (
     _check_fractions,
     carve_indices,
     per_channel,
+    zero_bit_posterize,
 )
 from visionbench.data.video.readers import (
     FRAME_START_INDEX,
@@ -144,29 +157,89 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float],
 # ----------------------------------------------------------------------------- transforms
 
 
+def clip_rand_augment(auto_augment: str, image_size: int):
+    """timm's RandAugment of ``auto_augment`` with ``create_random_augment``'s settings
+    (``translate_const`` 0.45 x ``image_size``, bicubic); a string timm does not parse is a
+    ``ConfigError``."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    if not auto_augment.startswith("rand"):
+        raise ConfigError(f"eval.finetune.auto_augment: {auto_augment!r} (clips take a "
+                          "RandAugment policy, 'rand-m<magnitude>-n<ops>...')")
+    try:
+        policy = rand_augment_transform(auto_augment, {
+            "translate_const": int(image_size * 0.45), "interpolation": Image.BICUBIC})
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ConfigError(f"eval.finetune.auto_augment: {auto_augment!r} is not a timm "
+                          f"RandAugment policy ({err})") from None
+    zero_bit_posterize(policy)
+    return policy
+
+
+def same_on_every_frame(policy, frames: torch.Tensor) -> torch.Tensor:
+    """``uint8 (T, H, W, 3)`` -> the frames through a PIL ``policy`` that draws from Python's
+    and NumPy's global RNGs, each frame from the same random state, so every frame gets the
+    same ops and magnitudes (the official applies one draw to the frame list)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    out = []
+    for frame in frames.numpy():
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        out.append(np.asarray(policy(Image.fromarray(frame)), dtype=np.uint8))
+    return torch.from_numpy(np.stack(out))
+
+
 class VideoFinetuneTransform:
-    """Sample dict -> ``video`` float ``(3, T, image_size, image_size)``, normalized: a random
-    resized crop (``scale``, ``ratio``) shared by all frames, a horizontal flip
-    (``flip``), as ``VideoClsDataset._aug_frame`` without RandAugment / RandomErasing."""
+    """Sample dict -> ``video`` float ``(3, T, image_size, image_size)``, normalized
+    (``num_sample`` > 1: ``(num_sample, 3, T, image_size, image_size)``, independent draws of
+    the same frames): RandAugment ``auto_augment`` alike on every frame (None: off), a random
+    resized crop (``scale``, ``ratio``) shared by all frames, a horizontal flip (``flip``),
+    RandomErasing with probability ``reprob`` per frame, as ``VideoClsDataset._aug_frame``."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (0.75, 1.3333), flip: bool = True) -> None:
+                 ratio: Sequence[float] = (0.75, 1.3333), flip: bool = True,
+                 auto_augment: str | None = None, reprob: float = 0.0,
+                 num_sample: int = 1) -> None:
+        from timm.data.random_erasing import RandomErasing
+
+        if num_sample < 1:
+            raise ConfigError(f"repeated augmentation: num_sample {num_sample} (expected >= 1)")
+        if not 0.0 <= reprob <= 1.0:
+            raise ConfigError(f"eval.finetune.reprob: {reprob} (expected a probability)")
         self.image_size, self.scale, self.ratio, self.flip = image_size, scale, ratio, flip
+        self.auto_augment, self.reprob, self.num_sample = auto_augment, reprob, num_sample
+        self.policy = clip_rand_augment(auto_augment, image_size) if auto_augment else None
+        self.erase = RandomErasing(reprob, mode="pixel", max_count=1, num_splits=1,
+                                   device="cpu") if reprob > 0 else None
         self.normalize = _Normalize(mean, std)
 
-    def __call__(self, sample: dict) -> dict:
-        x = clip_to_float(sample["video"])  # (T, 3, H, W)
+    def augment(self, frames: torch.Tensor) -> torch.Tensor:
+        """One draw: ``uint8 (T, H, W, 3)`` -> ``(3, T, image_size, image_size)``."""
+        if self.policy is not None:
+            frames = same_on_every_frame(self.policy, frames)
+        x = clip_to_float(frames)  # (T, 3, H, W)
         top, left, h, w = random_resized_crop_box(x.shape[-2], x.shape[-1], self.scale,
                                                   self.ratio)
         x = _resize(x[..., top : top + h, left : left + w], self.image_size)
         if self.flip and float(torch.rand(())) < 0.5:
             x = x.flip(-1)
-        return {**sample, "video": self.normalize(x)}
+        x = self.normalize(x)
+        if self.erase is not None:  # frames as a batch: a box of its own in each
+            x = self.erase(x.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return x
+
+    def __call__(self, sample: dict) -> dict:
+        frames = sample["video"]
+        if self.num_sample == 1:
+            return {**sample, "video": self.augment(frames)}
+        return {**sample, "video": torch.stack([self.augment(frames)
+                                                for _ in range(self.num_sample)])}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, scale={self.scale}, "
-                f"ratio={self.ratio}, flip={self.flip})")
+                f"ratio={self.ratio}, flip={self.flip}, auto_augment={self.auto_augment!r}, "
+                f"reprob={self.reprob}, num_sample={self.num_sample})")
 
 
 def multiscale_crop_box(height: int, width: int, size: int,
@@ -308,7 +381,8 @@ class VideoClassificationDataModule(LabelledDataModule):
     ``test_num_segment`` clips. Raw-frame lines use the official's segment sampling (``style``
     None), or the one ``style`` names. Transforms: ``train_transform`` (a method's own, on
     the reader's sample dict with ``video`` ``uint8 (T, H, W, 3)``), else
-    ``VideoFinetuneTransform`` (flip unless ``flip=False``, e.g. for SSv2) or
+    ``VideoFinetuneTransform`` (flip unless ``flip=False``, e.g. for SSv2; RandAugment
+    ``auto_augment``, RandomErasing ``reprob``, ``num_sample`` draws a clip) or
     ``VideoMAEPretrainTransform``.
 
     Batches (dicts): ``train_dataloader`` / ``eval_dataloader(split)`` / ``val_dataloader``:
@@ -344,6 +418,9 @@ class VideoClassificationDataModule(LabelledDataModule):
         test_num_crop: int = 3,
         flip: bool = True,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        auto_augment: str | None = None,
+        reprob: float = 0.0,
+        num_sample: int = 1,
         train_list: str | Path | None = None,
         val_list: str | Path | None = None,
         test_list: str | Path | None = None,
@@ -384,7 +461,9 @@ class VideoClassificationDataModule(LabelledDataModule):
         if train_transform is None:
             train_transform = (
                 VideoMAEPretrainTransform(image_size, mean, std) if train_kind == "pretrain"
-                else VideoFinetuneTransform(image_size, mean, std, scale=crop_scale, flip=flip))
+                else VideoFinetuneTransform(image_size, mean, std, scale=crop_scale, flip=flip,
+                                            auto_augment=auto_augment, reprob=reprob,
+                                            num_sample=num_sample))
         self.train_transform = train_transform
         self.eval_transforms = {raw: VideoEvalTransform(image_size, mean, std, not raw)
                                 for raw in (False, True)}

@@ -51,8 +51,8 @@ def check_video_data(cfg) -> None:
 
 
 def video_datamodule(run: Run, train_kind: str = "finetune", train_transform=None,
-                     batch_size: int | None = None,
-                     label_fraction: float = 1.0) -> VideoClassificationDataModule:
+                     batch_size: int | None = None, label_fraction: float = 1.0,
+                     **augmentation) -> VideoClassificationDataModule:
     d = run.cfg.data
     v = d.video
     dm = VideoClassificationDataModule(
@@ -61,16 +61,20 @@ def video_datamodule(run: Run, train_kind: str = "finetune", train_transform=Non
         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=run.cfg.seed,
         train_kind=train_kind, train_transform=train_transform, label_fraction=label_fraction,
         num_frames=v.num_frames, sampling_rate=v.sampling_rate, test_num_segment=v.test_clips,
-        test_num_crop=v.test_crops)
+        test_num_crop=v.test_crops, **augmentation)
     dm.setup()
     return dm
 
 
 def finetune_datamodule(run: Run, label_fraction: float = 1.0) -> VideoClassificationDataModule:
-    """The training clips (one random clip a video, a random resized crop and flip) at the
-    fine-tune's batch; the test split as ``test_clips x test_crops`` views."""
-    return video_datamodule(run, batch_size=run.cfg.eval.finetune.batch_size,
-                            label_fraction=label_fraction)
+    """The training clips (one random clip a video; ``data.video.finetune_samples`` draws
+    of RandAugment ``eval.finetune.auto_augment``, a random resized crop, a flip and
+    RandomErasing ``eval.finetune.reprob``) at the fine-tune's batch of videos; the test
+    split as ``test_clips x test_crops`` views."""
+    ft = run.cfg.eval.finetune
+    return video_datamodule(run, batch_size=ft.batch_size, label_fraction=label_fraction,
+                            auto_augment=ft.auto_augment, reprob=ft.reprob,
+                            num_sample=run.cfg.data.video.finetune_samples)
 
 
 def reconstruction_figure(run: Run, dm):
