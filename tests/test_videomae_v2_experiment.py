@@ -22,8 +22,8 @@ TOY = ["--set", "data.synth={train_per_class: 3, val_per_class: 1, test_per_clas
 @pytest.mark.slow
 def test_videomae_v2_pretrains_and_transfers_with_views_in_every_row(tmp_path):
     out, board = tmp_path / "runs", tmp_path / "lb.csv"
-    result = visionbench("run", "videomae-v2", *TOY, "--out", str(out), "--leaderboard",
-                         str(board), cwd=tmp_path)
+    result = visionbench("run", "videomae-v2", *TOY, "--set", "data.video.finetune_samples=2",
+                         "--out", str(out), "--leaderboard", str(board), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(out)
     assert (run / "figures" / "videomae_v2_reconstruction.png").is_file()

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +190,25 @@ def test_repeated_augmentation_trains_each_draw_with_its_clips_label():
         flat = model(draws.reshape(6, 3, 2, 16, 16))
     expected = F.cross_entropy(flat, torch.tensor([0, 0, 3, 3, 1, 1]))
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_cutmix_of_clips_cuts_frames_and_rows_as_the_official_call_of_timm_mixup():
+    from visionbench.backbones import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("video_vit_small_patch16_224", img_size=16, patch_size=8,
+                               num_frames=4, embed_dim=16, depth=1, num_heads=2)
+    model = FineTuneClassifier(backbone, 4, base_lr=1e-3, input_key="video", mixup=0.0,
+                               cutmix=1.0)
+    clips = torch.stack([torch.zeros(3, 4, 16, 16), torch.ones(3, 4, 16, 16)])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        mixed, soft = model.mix(clips.clone(), torch.tensor([0, 1]))
+        cut = mixed[0] != 0  # (C, T, H, W): where clip 0 took clip 1's values
+        if not cut.any():
+            continue
+        assert (cut == cut[:, :, :, :1]).all()  # whole rows along W: axes T and H were cut
+        assert soft.shape == (2, 4)
+        return
+    raise AssertionError("no cut in 20 draws")

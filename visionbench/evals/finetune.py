@@ -139,7 +139,13 @@ class FineTuneClassifier(L.LightningModule):
     (B, C, T, H, W). A test batch with one more axis holds views of each sample (``(B, V,
     ...)``: VideoMAE's clips x crops); their softmax probabilities are averaged, as the
     official ``merge`` (``method='prob'``) scores a video, and the test loss is the
-    cross-entropy of that average.
+    cross-entropy of that average. A training batch with one more axis holds repeated
+    augmentations (``(B, S, ...)``, each trained with its sample's label).
+
+    Mixup / CutMix are timm's ``Mixup`` on the batch as it is, as VideoMAE V2's
+    ``run_class_finetuning.py`` calls it on ``(B, C, T, H, W)`` clips: CutMix's box, drawn
+    for ``H x W``, then cuts axes 2 and 3 (frames and rows, every column), and its lambda is
+    corrected by that box's area in ``H x W``. We keep the official behaviour.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, base_lr: float,
