@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visionbench.data.cache import default_cache_dir, write_once
+from visionbench.data.fields import smooth_noise
 from visionbench.errors import ConfigError
 
 GENERATOR_VERSION = 3
@@ -74,17 +75,6 @@ BAR_SPEED = (0.5, 1.2)  # px / frame at 32 px
 
 
 # ----------------------------------------------------------------------------- fields
-
-
-def _periodic_noise(rng: np.random.Generator, n: int, beta: float) -> np.ndarray:
-    """Zero-mean unit-variance periodic noise on an ``n x n`` torus with a 1/f**beta
-    amplitude spectrum (no DC, no frequencies above a quarter of the grid)."""
-    f = np.fft.fftfreq(n)
-    freq = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
-    amplitude = np.where((freq > 0) & (freq < 0.25), 1.0 / np.maximum(freq, 1e-9) ** beta, 0.0)
-    spectrum = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) * amplitude
-    field = np.real(np.fft.ifft2(spectrum))
-    return (field - field.mean()) / (field.std() + 1e-12)
 
 
 def _shifted(field: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
@@ -210,8 +200,8 @@ def render_clip(class_name: str, image_size: int, num_frames: int,
         [np.cos(drift_angle), np.sin(drift_angle)])
 
     # background: two colours blended by periodic 1/f noise, plus a fainter texture
-    mix = 1.0 / (1.0 + np.exp(-rng.uniform(1.0, 2.5) * _periodic_noise(rng, n, 1.2)))
-    fine = _periodic_noise(rng, n, 0.6)
+    mix = 1.0 / (1.0 + np.exp(-rng.uniform(1.0, 2.5) * smooth_noise(rng, n, 1.2)))
+    fine = smooth_noise(rng, n, 0.6)
     c0 = _colour(rng)
     c1 = np.clip(c0 + rng.normal(0.0, BACKGROUND_CONTRAST, 3), 0, 255)
     background = c0 + mix[..., None] * (c1 - c0) + rng.uniform(*FINE_TEXTURE) * fine[..., None]
