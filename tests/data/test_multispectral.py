@@ -225,3 +225,55 @@ def test_so2sat_hdf5_bands_padded_and_scaled(tmp_path):
         So2SatMSI(tmp_path, "validation")
     with pytest.raises(DataError, match="no So2Sat LCZ42 data set"):
         So2SatMSI(tmp_path, "train")
+    from visionbench.data.multispectral.datamodule import MultispectralDataModule
+
+    with h5py.File(tmp_path / "random" / "training.h5", "w") as f:
+        f["sen1"] = np.zeros((17 * 4, 32, 32, 8))
+        f["sen2"] = rng.uniform(0, 0.5, (17 * 4, 32, 32, 10))
+        f["label"] = np.eye(17)[np.arange(17 * 4) % 17]
+    dm = MultispectralDataModule(tmp_path, "so2sat", val_fraction=0.25)
+    dm.setup()  # v3 has no validation split: a quarter of train, stratified
+    assert [len(dm.splits.train), len(dm.splits.val), len(dm.splits.test)] == [51, 17, 3]
+    assert sorted(dm.splits.val.targets) == list(range(17))
+
+
+def test_datamodule_batches_of_raw_digital_numbers(eurosat, bigearthnet, tmp_path):
+    from visionbench.data.multispectral.datamodule import MultispectralDataModule
+
+    dm = MultispectralDataModule(eurosat, "eurosat-ms", batch_size=4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 13, 64, 64) and batch["label"].shape == (4,)
+    assert batch["image"].max() > 100  # digital numbers, not normalized
+    assert dm.num_classes == 10 and not dm.multi_label
+    assert len(dm.eval_dataloader("test").dataset) == 10
+    ben = MultispectralDataModule(bigearthnet, "bigearthnet", batch_size=2, label_fraction=0.34,
+                                  bands=["B04", "B03", "B02", "B10"])
+    batch = next(iter(ben.eval_dataloader("train")))
+    assert len(ben.eval_dataloader("train").dataset) == 1  # round(3 x 0.34) of 3
+    assert batch["image"].shape == (1, 4, 120, 120) and batch["label"].shape == (1, 19)
+    assert ben.multi_label and batch["image"][:, 3].abs().max() == 0
+    with pytest.raises(ConfigError, match="expected one of eurosat-ms"):
+        MultispectralDataModule(eurosat, "sentinel")
+
+
+def test_datamodule_carves_the_splits_a_folder_lacks(tmp_path):
+    from visionbench.data.multispectral.datamodule import MultispectralDataModule
+
+    transform = Affine(10.0, 0.0, 0.0, 0.0, -10.0, 0.0)
+    rows = ["path,label"]
+    for i in range(20):
+        write_geotiff(tmp_path / f"t{i}.tif", np.full((2, 4, 4), i, dtype=np.uint16),
+                      transform=transform, crs=UTM, names=("B08", "B04"))
+        rows.append(f"t{i}.tif,{'forest' if i % 2 else 'water'}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    dm = MultispectralDataModule(tmp_path, "geotiff", batch_size=4, val_fraction=0.2,
+                                 test_fraction=0.2)
+    dm.setup()
+    sizes = [len(dm.splits.train), len(dm.splits.val), len(dm.splits.test)]
+    assert sizes == [12, 4, 4] and dm.classes == ["forest", "water"]
+    image = dm.splits.test[0]["image"]
+    assert image.shape == (13, 4, 4)
+    assert torch.equal(image[S2_BANDS.index("B08")], image[S2_BANDS.index("B04")])
+    assert image.sum() == 2 * image[S2_BANDS.index("B04")].sum()  # the other bands are zeros
+    with pytest.raises(DataError, match="train list not found"):
+        MultispectralDataModule(tmp_path / "none", "geotiff").setup()

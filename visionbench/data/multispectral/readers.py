@@ -126,6 +126,9 @@ class BigEarthNetS2(_Wrapped):
                              "bigearthnet-{train,val,test}.csv") from None
         super().__init__(dataset, bands)
         self.classes = list(dataset.class_sets[num_classes])
+        # multi-hot targets: one stratum, so a label fraction is a seeded random subset (as
+        # SSL4EO-S12's linear_BE_moco.py draws BigEarthNet-10 %)
+        self.targets = [0] * len(dataset)
 
     def _path(self, index: int) -> str:
         return self.dataset.folders[index]["s2"]
@@ -160,6 +163,10 @@ class So2SatMSI(_Wrapped):
             raise _not_found("So2Sat LCZ42", root, name) from None
         super().__init__(dataset, bands)
         self.classes = list(SO2SAT_CLASSES)
+        import h5py
+
+        with h5py.File(dataset.fn, "r") as f:
+            self.targets = np.asarray(f["label"]).argmax(axis=1).tolist()
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)

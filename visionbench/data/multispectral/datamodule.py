@@ -1,0 +1,127 @@
+"""The multispectral classification datamodule: train / val / test of EuroSAT-MS,
+BigEarthNet-S2, So2Sat LCZ42 or a GeoTIFF folder (``readers``), as dict batches of raw
+digital numbers: ``image`` float ``(B, C, H, W)`` (reflectance x 10000, the bands asked for,
+missing ones zero) and ``label`` (int64 ``(B,)``, multi-hot ``(B, K)`` for BigEarthNet).
+
+Inputs stay raw: a protocol or an encoder sealed with ``input_spec`` normalizes them (the
+remote-sensing protocol compares normalizations, so none is baked in). Splits are the data
+set's own (torchgeo's split files); where one is missing (So2Sat v3 has no validation split,
+a GeoTIFF folder may list only ``train.csv``) it is carved from train, stratified and
+seeded; ``label_fraction`` keeps that share of the training split (BigEarthNet: a seeded
+random subset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from visionbench.data.datamodule import (
+    LabelledDataModule,
+    LabelledSubset,
+    Splits,
+    TransformedDataset,
+    _check_fractions,
+    carve_indices,
+)
+from visionbench.data.multispectral.readers import (
+    BigEarthNetS2,
+    EuroSATMS,
+    GeoTiffFolder,
+    So2SatMSI,
+)
+from visionbench.errors import ConfigError, DataError
+
+DATASETS = ("eurosat-ms", "bigearthnet", "so2sat", "geotiff")
+
+
+class MultispectralDataModule(LabelledDataModule):
+    def __init__(self, root: str | Path, dataset: str = "eurosat-ms",
+                 bands: Sequence[str] | None = None, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 0, label_fraction: float = 1.0,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 train_transform: Callable[[dict], dict] | None = None,
+                 eval_transform: Callable[[dict], dict] | None = None,
+                 so2sat_version: str = "3_random", multi_label_csv: bool = False) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"multispectral data set {dataset!r} (expected one of "
+                              f"{', '.join(DATASETS)})")
+        if not 0.0 < label_fraction <= 1.0:
+            raise ConfigError(f"label fraction: {label_fraction} (expected a fraction in (0, 1])")
+        _check_fractions(val_fraction, test_fraction)
+        self.root, self.dataset, self.bands = Path(root), dataset, bands
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.label_fraction = label_fraction
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.so2sat_version, self.multi_label_csv = so2sat_version, multi_label_csv
+        self.splits: Splits | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.dataset == "bigearthnet" or (self.dataset == "geotiff"
+                                                  and self.multi_label_csv)
+
+    def _read(self, split: str) -> Dataset | None:
+        if self.dataset == "eurosat-ms":
+            return EuroSATMS(self.root, split, self.bands)
+        if self.dataset == "bigearthnet":
+            return BigEarthNetS2(self.root, split, self.bands)
+        if self.dataset == "so2sat":
+            name = {"val": "validation"}.get(split, split)
+            if self.so2sat_version != "2" and name == "validation":
+                return None
+            return So2SatMSI(self.root, name, self.so2sat_version, self.bands)
+        csv = self.root / f"{split}.csv"
+        if not csv.is_file():
+            if split == "train":
+                raise DataError(f"{csv}: train list not found (a GeoTIFF folder needs "
+                                "train.csv of path,label rows)")
+            return None
+        classes = None if split == "train" else self.classes_of_train
+        return GeoTiffFolder(csv, self.bands, multi_label=self.multi_label_csv,
+                             classes=classes)
+
+    def _load_splits(self) -> Splits:
+        train = self._read("train")
+        self.classes_of_train = list(train.classes)
+        val, test = self._read("val"), self._read("test")
+        fractions = [f for f, part in ((self.val_fraction, val), (self.test_fraction, test))
+                     if part is None]
+        if fractions:
+            parts = carve_indices(train.targets, fractions, self.seed)
+            if not parts[-1] or not all(parts[:-1]):
+                raise DataError(f"{self.root}: too few samples ({len(train)}) to carve the "
+                                "missing val/test splits")
+            carved = [LabelledSubset(train, ix) for ix in parts[:-1]]
+            train = LabelledSubset(train, parts[-1])
+            if val is None:
+                val = carved.pop(0)
+            if test is None:
+                test = carved.pop(0)
+        return Splits(train, val, test, self.classes_of_train, self.dataset)
+
+    def _source(self) -> str:
+        return f"{self.dataset} at {self.root}"
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(TransformedDataset(self._loaded().train, self.train_transform),
+                            self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Unshuffled loader of ``split`` ("train", "val" or "test") through
+        ``eval_transform`` (none: the raw samples)."""
+        if split not in ("train", "val", "test"):
+            raise ConfigError(f"split: {split!r} (expected train, val or test)")
+        return self._loader(TransformedDataset(getattr(self._loaded(), split),
+                                               self.eval_transform),
+                            batch_size or self.batch_size, shuffle=False)
