@@ -503,6 +503,28 @@ class LNRemovalConfig(Strict):
     calibration_images: int = Field(512, gt=0)
 
 
+class RSProtocolConfig(Strict):
+    """The resize-and-normalization protocol (isaaccorley/resize-is-all-you-need): frozen
+    features of each data set at each size (``sizes``; None: the native size and
+    ``data.image_size``, the pretraining size) under each normalization, kNN-``k`` and a
+    logistic-regression probe. ``pretrain_scale`` / ``pretrain_mean`` / ``pretrain_std``:
+    the encoder's pretraining normalization, ``(x * scale - mean) / std`` of digital
+    numbers (None: ``data.mean`` / ``data.std``, scale 1, what this run pretrains with)."""
+
+    datasets: list[Literal["eurosat-ms", "bigearthnet", "so2sat"]] = ["eurosat-ms",
+                                                                        "bigearthnet"]
+    sizes: list[Annotated[int, Field(gt=0)]] | None = None
+    normalizations: list[Literal["pretrain", "standardize", "divide"]] = [
+        "pretrain", "standardize", "divide"]
+    k: int = Field(5, gt=0)
+    linear_probe: bool = True
+    standard_scale: bool = False  # the official scales random-init features
+    pretrain_scale: float = Field(1.0, gt=0)
+    pretrain_mean: list[float] | None = None
+    pretrain_std: list[float] | None = None
+    batch_size: int = Field(64, gt=0)
+
+
 class ExperimentConfig(Strict):
     experiment: str
     profile: Literal["demo", "paper"] = "demo"
@@ -517,6 +539,7 @@ class ExperimentConfig(Strict):
     ablation: AblationConfig | None = None
     alpha_bn: AlphaBNConfig | None = None
     ln_removal: LNRemovalConfig | None = None
+    rs_protocol: RSProtocolConfig | None = None
 
     @model_validator(mode="after")
     def _paper_needs_data(self, info: ValidationInfo) -> ExperimentConfig:

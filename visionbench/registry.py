@@ -51,7 +51,7 @@ class Experiment:
         return [
             {"experiment": self.name, "paper": self.paper, "method": self.method,
              "backbone": r.backbone, "norm": r.norm or self.norm,
-             "placement": r.placement or self.placement or None,
+             "placement": (self.placement if r.placement is None else r.placement) or None,
              "init": r.init or self.method,
              "dataset": r.dataset, "protocol": r.protocol, "variant": r.variant,
              "metric": r.metric, "value": r.value, "epochs": r.epochs,
@@ -430,6 +430,60 @@ register(
                 ("video_vit_base_patch16_224", "videomae", "ssv2",
                  "clips=2,crops=3,frames=16", 2400, 70.8,
                  "MCG-NJU/VideoMAE MODEL_ZOO.md, Something-Something V2 (ViT-B)"),
+            )
+        ),
+    )
+)
+
+
+_RESIZE = "isaaccorley/resize-is-all-you-need results"
+register(
+    Experiment(
+        name="rs-protocol",
+        paper="Revisiting pre-trained remote sensing model benchmarks: resizing and "
+              "normalization matters",
+        arxiv="2305.13456",
+        method="mae",
+        backbone="vit_tiny_patch16_224",
+        norm="layernorm",
+        placement="pre",
+        pretrain_data="embedded EuroSAT-MS (train split)",
+        task="frozen-feature scene classification (single- and multi-label)",
+        dataset="eurosat-ms",
+        protocols=("knn5", "logistic"),
+        metrics=("top1", "map_micro", "map_macro"),
+        config="configs/rs-protocol.yaml",
+        code="isaaccorley/resize-is-all-you-need",
+        recipe="rs_protocol",
+        reported=tuple(
+            Reported("resnet50", "knn5", metric, value, dataset, f"{_RESIZE}/{source}",
+                     init=init, norm="batchnorm", placement="", variant=variant)
+            for init, dataset, metric, variant, value, source in (
+                ("imagenet", "eurosat-ms", "top1",
+                 "bands=rgb,interp=none,norm=standardize,size=64", 82.09,
+                 "eurosat_table_results.csv, row 15"),
+                ("imagenet", "eurosat-ms", "top1",
+                 "bands=rgb,interp=bilinear,norm=standardize,size=224", 91.17,
+                 "eurosat_table_results.csv, row 17"),
+                ("ssl4eo-moco", "eurosat-ms", "top1",
+                 "bands=rgb,interp=none,norm=divide,size=64", 94.11,
+                 "eurosat_table_results.csv, row 6"),
+                ("ssl4eo-moco", "eurosat-ms", "top1",
+                 "bands=rgb,interp=bilinear,norm=divide,size=224", 95.76,
+                 "eurosat_table_results.csv, row 8"),
+                # So2Sat 3_random: the native 32 px "baseline" is itself resized to 34
+                ("ssl4eo-moco", "so2sat", "top1",
+                 "bands=msi,interp=bilinear,norm=divide,size=34", 72.51,
+                 "so2sat-3_random-results-0.csv, resnet50_pretrained_moco_34"),
+                ("ssl4eo-moco", "so2sat", "top1",
+                 "bands=msi,interp=bilinear,norm=divide,size=224", 96.15,
+                 "so2sat-3_random-results-0.csv, resnet50_pretrained_moco_224"),
+                ("ssl4eo-moco", "bigearthnet", "map_micro",
+                 "bands=msi,interp=none,norm=divide,size=120", 64.64,
+                 "bigearthnet-results-0.csv, resnet50_pretrained_moco_120"),
+                ("ssl4eo-moco", "bigearthnet", "map_micro",
+                 "bands=msi,interp=bilinear,norm=divide,size=224", 70.17,
+                 "bigearthnet-results-0.csv, resnet50_pretrained_moco_224"),
             )
         ),
     )

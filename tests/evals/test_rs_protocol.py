@@ -28,15 +28,15 @@ def test_multilabel_average_precision_by_hand_and_against_sklearn():
     targets = torch.tensor([[1, 0], [0, 1], [1, 1]])
     result = multilabel_average_precision(scores, targets)
     # label 0: hits at ranks 1 and 3 -> (1 + 2/3) / 2; label 1: ranks 1 and 2 -> 1
-    assert result["macro_map"] == pytest.approx(100 * (5 / 6 + 1) / 2)
+    assert result["map_macro"] == pytest.approx(100 * (5 / 6 + 1) / 2)
     # pooled pairs, ties at 0.6 and 0.2 taken as one threshold each:
     # precision 1, 2/3, 3/4, 4/6 at recall 1/4, 2/4, 3/4, 1
-    assert result["micro_map"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 4 + 4 / 6) / 4)
+    assert result["map_micro"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 4 + 4 / 6) / 4)
     rng = np.random.default_rng(0)
     s, t = rng.uniform(size=(40, 6)), rng.integers(0, 2, (40, 6))
     ours = multilabel_average_precision(torch.from_numpy(s), torch.from_numpy(t))
-    assert ours["micro_map"] == pytest.approx(100 * average_precision_score(t, s, average="micro"))
-    assert ours["macro_map"] == pytest.approx(100 * average_precision_score(t, s, average="macro"))
+    assert ours["map_micro"] == pytest.approx(100 * average_precision_score(t, s, average="micro"))
+    assert ours["map_macro"] == pytest.approx(100 * average_precision_score(t, s, average="macro"))
 
 
 def test_knn_majority_is_euclidean_with_ties_to_the_lowest_class():
@@ -67,7 +67,7 @@ def test_multilabel_knn_scores_are_the_neighbours_label_fractions():
     fractions = knn_label_fractions(train, targets, torch.tensor([[0.1], [8.0]]), k=2)
     assert torch.allclose(fractions, torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.5, 0.5]]))
     result = knn_scores(train, targets, train, targets, 3, k=1, multi_label=True)
-    assert result == {"micro_map": pytest.approx(100.0), "macro_map": pytest.approx(100.0)}
+    assert result == {"map_micro": pytest.approx(100.0), "map_macro": pytest.approx(100.0)}
 
 
 def test_normalizations_against_their_formulas():
@@ -79,11 +79,14 @@ def test_normalizations_against_their_formulas():
     imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     expected = (x / 10000 - torch.tensor(imagenet[0]).view(1, 3, 1, 1)) / torch.tensor(
         imagenet[1]).view(1, 3, 1, 1)
-    assert torch.allclose(normalize(x, "pretrain", pretrain_stats=imagenet), expected)
+    assert torch.allclose(normalize(x, "pretrain", pretrain_stats=imagenet, pretrain_scale=1e-4),
+                          expected, atol=1e-5)
     with pytest.raises(ConfigError, match="expected one of pretrain, standardize, divide"):
         normalize(x, "minmax")
     with pytest.raises(ConfigError, match="3-channel"):
         normalize(x, "pretrain", pretrain_stats=([0.5], [0.5]))
+    padded = torch.cat([x, torch.zeros(2, 1, 4, 4)], dim=1)
+    assert channel_stats(padded)[1][-1] == 1.0  # a zero-padded band keeps scale 1
     m, s = channel_stats(x)
     flat = x.permute(1, 0, 2, 3).reshape(3, -1).double().numpy()
     assert np.allclose(m.numpy(), flat.mean(axis=1)) and np.allclose(
@@ -98,8 +101,8 @@ def test_resize_is_kornias_bilinear_with_aligned_corners():
                                              align_corners=True), atol=1e-5)
     assert resize(x, 64) is x  # the native size is left alone
     assert resize(torch.rand(1, 3, 32, 48), 64).shape == (1, 3, 64, 96)  # the short side
-    assert cell_variant(224, 64, "divide") == {"size": "224", "interp": "bilinear",
-                                               "norm": "divide"}
+    assert cell_variant(224, 64, "divide") == {"bands": "msi", "size": "224",
+                                               "interp": "bilinear", "norm": "divide"}
     assert cell_variant(64, 64, "divide")["interp"] == "none"
 
 
@@ -116,7 +119,9 @@ def test_standard_scale_and_the_logistic_probe():
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 5.0]])
     y = torch.arange(3).repeat(20)
     x = centres[y] + 0.3 * torch.randn(60, 2, generator=torch.Generator().manual_seed(0))
-    assert logistic_probe(x, y, x, y) == {"top1": pytest.approx(100.0)}
+    probe = logistic_probe(x, y, x, y)
+    assert probe["top1"] == pytest.approx(100.0) and probe["samples"]["n"] == 60
+    assert probe["ci"]["top1"] == [100.0, 100.0]
     multi = torch.stack([y == 0, y != 1, torch.zeros_like(y, dtype=torch.bool)], 1).long()
     result = logistic_probe(x, multi, x, multi, multi_label=True)  # label 2 never occurs
-    assert set(result) == {"micro_map", "macro_map"} and result["macro_map"] > 99
+    assert set(result) == {"map_micro", "map_macro"} and result["map_macro"] > 99

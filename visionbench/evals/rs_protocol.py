@@ -38,6 +38,7 @@ from torch import Tensor
 
 from visionbench.data.multispectral.bands import REFLECTANCE_SCALE
 from visionbench.errors import ConfigError
+from visionbench.results.bootstrap import hits_samples, with_samples
 
 NORMALIZATIONS = ("pretrain", "standardize", "divide")
 INTERPOLATION = "bilinear"  # kornia's Resize default (align_corners=True, no antialias)
@@ -54,18 +55,21 @@ def resize(images: Tensor, size: int) -> Tensor:
 
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std over every pixel of ``(N, C, H, W)`` images (the train split),
-    as ``compute_eurosat_stats.py`` (``x.mean(dim=(0, 2, 3))``, ``x.std(dim=(0, 2, 3))``)."""
+    as ``compute_eurosat_stats.py`` (``x.mean(dim=(0, 2, 3))``, ``x.std(dim=(0, 2, 3))``); a
+    constant band (a zero-padded one) gets std 1, as the official gives its padded bands."""
     x = images.double()
-    return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+    std = x.std(dim=(0, 2, 3))
+    return x.mean(dim=(0, 2, 3)).float(), torch.where(std > 0, std, 1.0).float()
 
 
 def normalize(images: Tensor, mode: str, *, data_stats: tuple[Tensor, Tensor] | None = None,
-              pretrain_stats: tuple[Sequence[float], Sequence[float]] | None = None
-              ) -> Tensor:
+              pretrain_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+              pretrain_scale: float = 1.0) -> Tensor:
     """Digital numbers ``(B, C, H, W)`` under one of ``NORMALIZATIONS``: ``divide``
     ``x / 10000``; ``standardize`` ``(x - mean) / std`` with ``data_stats`` (DN units);
-    ``pretrain`` ``(x / 10000 - mean) / std`` with ``pretrain_stats`` (reflectance units,
-    what a model pretrained on ``x / 10000`` inputs was normalized with)."""
+    ``pretrain`` ``(x * pretrain_scale - mean) / std`` with ``pretrain_stats``, the encoder's
+    own input normalization (e.g. scale 1e-4 and ImageNet's statistics for a model
+    pretrained on reflectance)."""
     if mode == "divide":
         return images / REFLECTANCE_SCALE
     if mode == "standardize":
@@ -83,7 +87,7 @@ def normalize(images: Tensor, mode: str, *, data_stats: tuple[Tensor, Tensor] | 
         if mean.shape[1] != images.shape[1]:
             raise ConfigError(f"pretraining statistics of {mean.shape[1]} channels for "
                               f"{images.shape[1]}-channel images")
-        return (images / REFLECTANCE_SCALE - mean) / std
+        return (images * pretrain_scale - mean) / std
     raise ConfigError(f"normalization {mode!r} (expected one of {', '.join(NORMALIZATIONS)})")
 
 
@@ -130,7 +134,7 @@ def knn_label_fractions(train_x: Tensor, train_targets: Tensor, test_x: Tensor,
 
 
 def multilabel_average_precision(scores: Tensor, targets: Tensor) -> dict[str, float]:
-    """``{"micro_map", "macro_map"}`` in percent: average precision of ``scores`` against the
+    """``{"map_micro", "map_macro"}`` in percent: average precision of ``scores`` against the
     multi-hot ``targets`` over all (sample, label) pairs, and the mean over labels of each
     label's (labels without a positive left out, as sklearn warns and scores them 0 -
     here they are skipped)."""
@@ -141,13 +145,20 @@ def multilabel_average_precision(scores: Tensor, targets: Tensor) -> dict[str, f
     per_label = [binary_average_precision(scores[:, j].double(), targets[:, j])
                  for j in range(targets.shape[1]) if targets[:, j].any()]
     macro = torch.stack(per_label).mean() if per_label else torch.tensor(float("nan"))
-    return {"micro_map": float(micro) * 100.0, "macro_map": float(macro) * 100.0}
+    return {"map_micro": float(micro) * 100.0, "map_macro": float(macro) * 100.0}
+
+
+def accuracy_with_samples(hits: Tensor, seed: int = 0) -> dict:
+    """``{"top1"}`` in percent with its per-sample hits and bootstrap interval."""
+    result = {"top1": float(hits.double().mean()) * 100.0}
+    return with_samples(result, hits_samples(top1=hits.bool()), seed)
 
 
 def logistic_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                   multi_label: bool = False, max_iter: int = 3000) -> dict[str, float]:
-    """sklearn's ``LogisticRegression(max_iter=3000)``: ``{"top1"}`` (percent), or for
-    multi-hot targets one per label, ``{"micro_map", "macro_map"}``."""
+                   multi_label: bool = False, max_iter: int = 3000, seed: int = 0) -> dict:
+    """sklearn's ``LogisticRegression(max_iter=3000)``: ``{"top1"}`` (percent, with its
+    samples and interval), or for multi-hot targets one per label, ``{"map_micro",
+    "map_macro"}``."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -165,22 +176,25 @@ def logistic_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
             scores[:, torch.from_numpy(keep)] = torch.from_numpy(model.predict_proba(x_test))
             return multilabel_average_precision(scores, test_y)
         model = LogisticRegression(max_iter=max_iter).fit(x_train, train_y.numpy())
-        accuracy = (model.predict(x_test) == test_y.numpy()).mean()
-    return {"top1": float(accuracy) * 100.0}
+        hits = torch.from_numpy(model.predict(x_test) == test_y.numpy())
+    return accuracy_with_samples(hits, seed)
 
 
 def knn_scores(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-               num_classes: int, k: int = 5, multi_label: bool = False) -> dict[str, float]:
-    """kNN-``k`` of one cell: ``{"top1"}`` (percent) or ``{"micro_map", "macro_map"}``."""
+               num_classes: int, k: int = 5, multi_label: bool = False,
+               seed: int = 0) -> dict:
+    """kNN-``k`` of one cell: ``{"top1"}`` (percent, with its samples and interval) or
+    ``{"map_micro", "map_macro"}``."""
     if multi_label:
         return multilabel_average_precision(knn_label_fractions(train_x, train_y, test_x, k),
                                             test_y)
     predictions = knn_majority_predictions(train_x, train_y, test_x, num_classes, k)
-    return {"top1": float((predictions == test_y.long()).double().mean()) * 100.0}
+    return accuracy_with_samples(predictions == test_y.long(), seed)
 
 
-def cell_variant(size: int, native: int, normalization: str) -> dict[str, str]:
-    """A grid cell's leaderboard ``variant``: size, interpolation (``none`` at the native
-    size), normalization."""
-    return {"size": str(size), "interp": INTERPOLATION if size != native else "none",
-            "norm": normalization}
+def cell_variant(size: int, native: int, normalization: str,
+                 bands: str = "msi") -> dict[str, str]:
+    """A grid cell's leaderboard ``variant``: bands (``msi``: all of the data set's, ``rgb``),
+    size, interpolation (``none`` at the native size), normalization."""
+    return {"bands": bands, "size": str(size),
+            "interp": INTERPOLATION if size != native else "none", "norm": normalization}

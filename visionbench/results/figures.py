@@ -209,3 +209,32 @@ def save_clip_reconstruction_figure(path: Path, clips: torch.Tensor, masks: torc
                     ax.set_title(f"frame {f}", fontsize=7)
     fig.tight_layout()
     return _save(fig, path, dpi=80)
+
+
+def save_rs_grid_figure(path: Path, grids: dict[str, dict[str, dict[tuple[str, str], float]]],
+                        metric_names: dict[str, str]) -> Path:
+    """The resize-and-normalization grid: one panel per data set, one group of bars per
+    normalization, a bar per (encoder, size). ``grids[dataset][encoder][(size, norm)]`` is
+    the kNN score; ``metric_names[dataset]`` labels its axis."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 4.2), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for ax, (dataset, by_encoder) in zip(axes[0], grids.items(), strict=True):
+        cells = sorted({cell for grid in by_encoder.values() for cell in grid},
+                       key=lambda c: (c[1], int(c[0])))
+        norms = list(dict.fromkeys(norm for _, norm in cells))
+        bars = [(encoder, size) for encoder in by_encoder
+                for size in sorted({s for s, _ in cells}, key=int)]
+        width = 0.8 / max(len(bars), 1)
+        for b, (encoder, size) in enumerate(bars):
+            values = [by_encoder[encoder].get((size, norm), float("nan")) for norm in norms]
+            ax.bar([i + b * width for i in range(len(norms))], values, width,
+                   color=colours[b % 20], label=f"{encoder} @ {size} px")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(norms))], norms)
+        ax.set_title(dataset)
+        ax.set_ylabel(metric_names[dataset])
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("kNN-5 of frozen features: input size x normalization")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -125,3 +125,51 @@ class MultispectralDataModule(LabelledDataModule):
         return self._loader(TransformedDataset(getattr(self._loaded(), split),
                                                self.eval_transform),
                             batch_size or self.batch_size, shuffle=False)
+
+
+class _Standardize:
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        import torch
+
+        self.mean = torch.tensor([float(v) for v in mean]).view(-1, 1, 1)
+        self.std = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
+
+    def __call__(self, image):
+        if image.shape[0] != self.mean.shape[0]:
+            raise ConfigError(f"data.mean / data.std: {self.mean.shape[0]} values for "
+                              f"{image.shape[0]}-band images")
+        return (image - self.mean) / self.std
+
+
+class MultispectralTrainTransform:
+    """MAE's pretraining augmentation (``main_pretrain.py``: RandomResizedCrop(scale 0.2 - 1,
+    bicubic), horizontal flip, normalize) on a band tensor: ``image`` ``(C, size, size)``,
+    ``(x - mean) / std`` per band (digital-number statistics)."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.crop = v2.Compose([
+            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip()])
+        self.standardize = _Standardize(mean, std)
+
+    def __call__(self, sample: dict) -> dict:
+        return {**sample, "image": self.standardize(self.crop(sample["image"]))}
+
+
+class MultispectralEvalTransform:
+    """``image`` resized to ``size`` (bicubic, antialiased) and normalized as the train
+    transform: the pretraining's validation batches."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC,
+                                antialias=True)
+        self.standardize = _Standardize(mean, std)
+
+    def __call__(self, sample: dict) -> dict:
+        return {**sample, "image": self.standardize(self.resize(sample["image"]))}
