@@ -217,7 +217,7 @@ def save_rs_grid_figure(path: Path, grids: dict[str, dict[str, dict[tuple[str, s
     normalization, a bar per (encoder, size). ``grids[dataset][encoder][(size, norm)]`` is
     the kNN score; ``metric_names[dataset]`` labels its axis."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 4.8), squeeze=False)
     colours = plt.get_cmap("tab20").colors
     for ax, (dataset, by_encoder) in zip(axes[0], grids.items(), strict=True):
         cells = sorted({cell for grid in by_encoder.values() for cell in grid},
@@ -226,6 +226,9 @@ def save_rs_grid_figure(path: Path, grids: dict[str, dict[str, dict[tuple[str, s
         bars = [(encoder, size) for encoder in by_encoder
                 for size in sorted({s for s, _ in cells}, key=int)]
         width = 0.8 / max(len(bars), 1)
+        shown = [v for grid in by_encoder.values() for v in grid.values() if v == v]
+        if shown:  # the differences are the point: the axis starts near the lowest bar
+            ax.set_ylim(max(0.0, min(shown) - 10.0), min(100.0, max(shown) + 3.0))
         for b, (encoder, size) in enumerate(bars):
             values = [by_encoder[encoder].get((size, norm), float("nan")) for norm in norms]
             ax.bar([i + b * width for i in range(len(norms))], values, width,
@@ -234,7 +237,7 @@ def save_rs_grid_figure(path: Path, grids: dict[str, dict[str, dict[tuple[str, s
         ax.set_title(dataset)
         ax.set_ylabel(metric_names[dataset])
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.suptitle("kNN-5 of frozen features: input size x normalization")
     fig.tight_layout()
     return _save(fig, path)
