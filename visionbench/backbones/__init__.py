@@ -70,7 +70,7 @@ def _create_resnet(name: str, *, norm: str, placement: str = "pre",
 register_family(Family(
     "vit", is_vit_name, "token", "layernorm", ("cls", "mean", "lastk", "dense"), create_vit,
     "timm ViT names (vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, "
-    "vit_large_patch16_224, vit_huge_patch14_224, ...)",
+    "vit_large_patch16_224, vit_huge_patch14_224, DINOv2's vit_small_patch14_dinov2, ...)",
     lambda m: getattr(m, "patch_embed", None)))
 register_family(Family(
     "resnet", is_resnet_name, "conv", "batchnorm", ("pooled", "dense"), _create_resnet,

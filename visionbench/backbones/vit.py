@@ -30,7 +30,7 @@ from visionbench.backbones.pos_embed import fixed_sincos_
 from visionbench.errors import ConfigError
 from visionbench.norms import norm_layer, norm_spec
 
-VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch\d+_\d+$")
+VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch\d+_(\d+|dinov2)$")
 
 __all__ = [
     "PLACEMENTS",
