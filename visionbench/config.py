@@ -513,12 +513,15 @@ class RSProtocolConfig(Strict):
 
     datasets: list[Literal["eurosat-ms", "bigearthnet", "so2sat"]] = ["eurosat-ms",
                                                                         "bigearthnet"]
+    bands: Literal["msi", "rgb"] = "msi"  # the 13 Sentinel-2 bands, or B04 / B03 / B02
     sizes: list[Annotated[int, Field(gt=0)]] | None = None
     normalizations: list[Literal["pretrain", "standardize", "divide"]] = [
         "pretrain", "standardize", "divide"]
     k: int = Field(5, gt=0)
     linear_probe: bool = True
-    standard_scale: bool = False  # the official scales random-init features
+    # the inits whose features are StandardScaler-ed before kNN / the probe: the official
+    # scales random-init (and image-statistics, MOSAIKS) features, not pretrained ones
+    standard_scale: list[Literal["pretrained", "random"]] = ["random"]
     pretrain_scale: float = Field(1.0, gt=0)
     pretrain_mean: list[float] | None = None
     pretrain_std: list[float] | None = None

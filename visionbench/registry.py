@@ -436,6 +436,11 @@ register(
 )
 
 
+# The official inputs differ from ours in three places (what our rows mean instead): its
+# BigEarthNet MSI inserts the missing B10 before B8A (``PadMissingBands``), ours keeps the
+# band order; its So2Sat "divide" divides torchgeo's reflectance by 10000 again, ours is the
+# reflectance; its So2Sat "native" size is 34 px (``--set rs_protocol.sizes=[34,224]``). The
+# EuroSAT rows are RGB: ``--set rs_protocol.bands=rgb --set data.in_chans=3``.
 _RESIZE = "isaaccorley/resize-is-all-you-need results"
 register(
     Experiment(

@@ -130,6 +130,12 @@ def test_bigearthnet_layout_per_band_resolutions_labels_and_padding(bigearthnet)
     assert meta["labels"]
     train = BigEarthNetS2(bigearthnet, "train")
     assert len(train) == 3 and len(train.classes) == 19
+    first = Path(train._path(0))
+    for band in ("B01", "B05", "B08", "B8A", "B09", "B12"):  # each band in its place
+        file = next(first.glob(f"*_{band}.tif"))
+        expected = read_geotiff(file, out_shape=(120, 120), resampling="bilinear").data[0]
+        assert torch.allclose(train[0]["image"][S2_BANDS.index(band)],
+                              torch.from_numpy(expected.astype(np.float32))), band
     for i in range(len(train)):
         sample = train[i]
         assert sample["image"].shape == (13, 120, 120)

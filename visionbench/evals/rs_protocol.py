@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,13 +52,24 @@ def resize(images: Tensor, size: int) -> Tensor:
     return Resize(size)(images)
 
 
-def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std over every pixel of ``(N, C, H, W)`` images (the train split),
-    as ``compute_eurosat_stats.py`` (``x.mean(dim=(0, 2, 3))``, ``x.std(dim=(0, 2, 3))``); a
-    constant band (a zero-padded one) gets std 1, as the official gives its padded bands."""
-    x = images.double()
-    std = x.std(dim=(0, 2, 3))
-    return x.mean(dim=(0, 2, 3)).float(), torch.where(std > 0, std, 1.0).float()
+def channel_stats(batches) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std over every pixel of the ``(B, C, H, W)`` image batches of a
+    split (an iterable, or one tensor), as ``compute_eurosat_stats.py``
+    (``x.mean(dim=(0, 2, 3))``, ``x.std(dim=(0, 2, 3))``, unbiased), accumulated in float64
+    batch by batch; a constant band (a zero-padded one) gets std 1, as the official gives its
+    padded bands."""
+    count, total, squares = 0, None, None
+    for x in ([batches] if torch.is_tensor(batches) else batches):
+        x = x.double()
+        s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    if total is None or count < 2:
+        raise ConfigError("channel statistics need at least two pixels")
+    mean = total / count
+    var = ((squares - count * mean * mean) / (count - 1)).clamp_min(0.0)
+    std = var.sqrt()
+    return mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float()
 
 
 def normalize(images: Tensor, mode: str, *, data_stats: tuple[Tensor, Tensor] | None = None,
@@ -75,15 +85,15 @@ def normalize(images: Tensor, mode: str, *, data_stats: tuple[Tensor, Tensor] | 
     if mode == "standardize":
         if data_stats is None:
             raise ConfigError("normalization 'standardize' needs the data set's statistics")
-        mean, std = (torch.as_tensor(s, dtype=images.dtype).view(1, -1, 1, 1)
-                     for s in data_stats)
+        mean, std = (torch.as_tensor(s, dtype=images.dtype, device=images.device)
+                     .view(1, -1, 1, 1) for s in data_stats)
         return (images - mean) / std
     if mode == "pretrain":
         if pretrain_stats is None:
             raise ConfigError("normalization 'pretrain' needs the encoder's pretraining "
                               "statistics")
-        mean, std = (torch.as_tensor(s, dtype=images.dtype).view(1, -1, 1, 1)
-                     for s in pretrain_stats)
+        mean, std = (torch.as_tensor(s, dtype=images.dtype, device=images.device)
+                     .view(1, -1, 1, 1) for s in pretrain_stats)
         if mean.shape[1] != images.shape[1]:
             raise ConfigError(f"pretraining statistics of {mean.shape[1]} channels for "
                               f"{images.shape[1]}-channel images")
@@ -103,15 +113,14 @@ def standard_scale(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
 def euclidean_neighbours(train_x: Tensor, test_x: Tensor, k: int,
                          batch_size: int = 1024) -> Tensor:
     """Indices ``(B, k)`` of the ``k`` nearest training features in L2 distance, nearest
-    first (ties to the lower index, as a flat L2 index)."""
+    first (``topk``; exactly equal distances come in no defined order)."""
     if k < 1 or k > train_x.shape[0]:
         raise ConfigError(f"kNN: k = {k} with {train_x.shape[0]} training samples")
     out = []
     train = train_x.double()
     for start in range(0, test_x.shape[0], batch_size):
         d = torch.cdist(test_x[start:start + batch_size].double(), train)
-        order = torch.from_numpy(np.argsort(d.numpy(), axis=1, kind="stable")[:, :k])
-        out.append(order)
+        out.append(d.topk(k, dim=1, largest=False, sorted=True).indices)
     return torch.cat(out)
 
 
@@ -168,12 +177,13 @@ def logistic_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     x_train, x_test = train_x.double().numpy(), test_x.double().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the official's runs warn too
+        # a label constant over the training set gets a constant score (sklearn warns)
+        warnings.filterwarnings("ignore", message="Label .* is present in all training")
+        warnings.filterwarnings("ignore", message="Label not .* is present in all training")
         if multi_label:
-            keep = train_y.numpy().any(axis=0) & ~train_y.numpy().all(axis=0)
             model = OneVsRestClassifier(LogisticRegression(max_iter=max_iter))
-            model.fit(x_train, train_y.numpy()[:, keep])
-            scores = torch.zeros(test_y.shape, dtype=torch.float64)
-            scores[:, torch.from_numpy(keep)] = torch.from_numpy(model.predict_proba(x_test))
+            model.fit(x_train, train_y.numpy())
+            scores = torch.from_numpy(model.predict_proba(x_test)).double()
             return multilabel_average_precision(scores, test_y)
         model = LogisticRegression(max_iter=max_iter).fit(x_train, train_y.numpy())
         hits = torch.from_numpy(model.predict(x_test) == test_y.numpy())

@@ -54,8 +54,9 @@ def band_indices(names: Sequence[str], available: Sequence[str]) -> list[int | N
 def select_bands(data: np.ndarray, available: Sequence[str],
                  wanted: Sequence[str] = S2_BANDS) -> np.ndarray:
     """``(C, H, W)`` holding ``available`` -> ``(len(wanted), H, W)`` in ``wanted``'s order,
-    a band the data lacks as zeros (the padding resize-is-all-you-need and SoftCon use for
-    BigEarthNet's B10 and So2Sat's B01 / B09 / B10)."""
+    a band the data lacks as zeros, at its own place (SSL4EO-S12's ``linear_BE_moco.py``
+    inserts BigEarthNet's B10 so; resize-is-all-you-need's ``PadMissingBands`` puts it before
+    B8A instead, out of line with its own statistics; we keep the band order)."""
     if data.shape[0] != len(available):
         raise ConfigError(f"{data.shape[0]} bands in the data, {len(available)} names given")
     out = np.zeros((len(wanted), *data.shape[1:]), dtype=data.dtype)

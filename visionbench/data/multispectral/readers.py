@@ -81,6 +81,11 @@ class _Wrapped(Dataset):
             sample = self.dataset[index]
         except RasterioError as err:
             raise DataError(f"{self._path(index)}: not a readable GeoTIFF ({err})") from None
+        except (IndexError, ValueError) as err:  # torchgeo: no label file, no band files
+            raise DataError(f"{self._path(index)}: incomplete sample ({err})") from None
+        if sample["image"].shape[0] != len(self.source_bands):
+            raise DataError(f"{self._path(index)}: {sample['image'].shape[0]} bands, expected "
+                            f"{len(self.source_bands)} ({', '.join(self.source_bands)})")
         image = select_bands(sample["image"].numpy(), self.source_bands, self.bands)
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 "label": sample["label"]}

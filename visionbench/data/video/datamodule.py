@@ -8,20 +8,20 @@ normalized per channel by ``mean`` / ``std`` (the official: ImageNet's, on [0, 1
 - ``VideoFinetuneTransform``: ``dataset/datasets.py`` ``VideoClsDataset._aug_frame``:
   RandAugment (``--aa``, the scripts' default ``rand-m7-n4-mstd0.5-inc1``) on the uint8
   frames, the same ops and magnitudes on every frame (``video_transforms.
-  create_random_augment``: ``translate_const`` 0.45 x the crop size, bicubic, grey fill);
+  create_random_augment``: bicubic, grey fill; translations by 0.45 of the frame);
   then ``spatial_sampling`` with ``video_transforms.random_resized_crop`` (area scale
   (0.08, 1), log-uniform aspect ratio (3/4, 4/3), 10 tries then a central crop, bilinear
   resize without antialiasing) and a horizontal flip with probability 0.5 (off for SSv2);
-  then RandomErasing (``--reprob`` 0.25, pixel mode, one box) of each frame on its own (the
-  official erases the ``T C H W`` clip as a batch of frames). Repeated augmentation
+  then RandomErasing (``--reprob`` 0.25, pixel mode, one box) as ``dataset/random_erasing.py``
+  with ``cube=True``: one draw of the probability and one box for the clip, the same box in
+  every frame, filled with fresh normal noise in each. Repeated augmentation
   (``--num_sample`` 2): ``num_sample`` such draws of the same sampled frames
   (``multiple_samples_collate`` flattens them into the batch, each with the clip's label).
   Deviations: timm's RandAugment (``rand_augment_transform``, replayed from one random
   state for every frame) stands in for the official's copy of an older timm
-  (``dataset/rand_augment.py``, the same ops, whose translations take
-  ``translate_const``); the normalization comes after the crop (the official normalizes
-  first; bilinear resizing is affine, so the result is the same); mixup / cutmix are the
-  fine-tune's, on the batch.
+  (``dataset/rand_augment.py``, the same ops); the normalization comes after the crop
+  (the official normalizes first; bilinear resizing is affine, so the result is the same);
+  mixup / cutmix are the fine-tune's, on the batch.
 - ``VideoMAEPretrainTransform``: ``dataset/pretrain_datasets.py``
   ``DataAugmentationForVideoMAEv2`` (``transforms.GroupMultiScaleCrop(input_size,
   [1, .875, .75, .66])``: a crop side pair from those fractions of the short side, at most
@@ -159,7 +159,8 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float],
 
 def clip_rand_augment(auto_augment: str, image_size: int):
     """timm's RandAugment of ``auto_augment`` with ``create_random_augment``'s settings
-    (``translate_const`` 0.45 x ``image_size``, bicubic); a string timm does not parse is a
+    (``translate_const`` 0.45 x ``image_size``, which the ``*Rel`` translations of the
+    ``rand`` policies leave unused; bicubic); a string timm does not parse is a
     ``ConfigError``."""
     from timm.data.auto_augment import rand_augment_transform
 
@@ -189,20 +190,42 @@ def same_on_every_frame(policy, frames: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
+def erase_cube(clip: torch.Tensor, probability: float, min_area: float = 0.02,
+               max_area: float = 1 / 3, min_aspect: float = 0.3) -> torch.Tensor:
+    """VideoMAE V2's ``RandomErasing(mode="pixel", cube=True)`` (``_erase_cube``, one box) on
+    a normalized ``(C, T, H, W)`` clip, in place: with ``probability``, one box of area
+    ``U(min_area, max_area)`` of the frame and log-uniform aspect in ``(min_aspect,
+    1 / min_aspect)`` (up to 100 tries, strictly inside the frame), the same in every frame,
+    filled with standard normal noise drawn for each frame. Python's RNG draws the box,
+    torch's the noise, as the official."""
+    if random.random() > probability:
+        return clip
+    c, t, h, w = clip.shape
+    log_ratio = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(100):
+        target = random.uniform(min_area, max_area) * h * w
+        aspect = math.exp(random.uniform(*log_ratio))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            top, left = random.randint(0, h - eh), random.randint(0, w - ew)
+            clip[:, :, top : top + eh, left : left + ew] = torch.randn(c, t, eh, ew)
+            break
+    return clip
+
+
 class VideoFinetuneTransform:
     """Sample dict -> ``video`` float ``(3, T, image_size, image_size)``, normalized
     (``num_sample`` > 1: ``(num_sample, 3, T, image_size, image_size)``, independent draws of
     the same frames): RandAugment ``auto_augment`` alike on every frame (None: off), a random
     resized crop (``scale``, ``ratio``) shared by all frames, a horizontal flip (``flip``),
-    RandomErasing with probability ``reprob`` per frame, as ``VideoClsDataset._aug_frame``."""
+    with probability ``reprob`` one erased box through every frame (``erase_cube``), as
+    ``VideoClsDataset._aug_frame``."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (0.75, 1.3333), flip: bool = True,
                  auto_augment: str | None = None, reprob: float = 0.0,
                  num_sample: int = 1) -> None:
-        from timm.data.random_erasing import RandomErasing
-
         if num_sample < 1:
             raise ConfigError(f"repeated augmentation: num_sample {num_sample} (expected >= 1)")
         if not 0.0 <= reprob <= 1.0:
@@ -210,8 +233,6 @@ class VideoFinetuneTransform:
         self.image_size, self.scale, self.ratio, self.flip = image_size, scale, ratio, flip
         self.auto_augment, self.reprob, self.num_sample = auto_augment, reprob, num_sample
         self.policy = clip_rand_augment(auto_augment, image_size) if auto_augment else None
-        self.erase = RandomErasing(reprob, mode="pixel", max_count=1, num_splits=1,
-                                   device="cpu") if reprob > 0 else None
         self.normalize = _Normalize(mean, std)
 
     def augment(self, frames: torch.Tensor) -> torch.Tensor:
@@ -225,9 +246,7 @@ class VideoFinetuneTransform:
         if self.flip and float(torch.rand(())) < 0.5:
             x = x.flip(-1)
         x = self.normalize(x)
-        if self.erase is not None:  # frames as a batch: a box of its own in each
-            x = self.erase(x.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
-        return x
+        return erase_cube(x, self.reprob) if self.reprob > 0 else x
 
     def __call__(self, sample: dict) -> dict:
         frames = sample["video"]

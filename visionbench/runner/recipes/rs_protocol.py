@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionbench.data.multispectral.bands import RGB_BANDS
 from visionbench.data.multispectral.datamodule import (
     MultispectralDataModule,
     MultispectralEvalTransform,
@@ -36,7 +37,7 @@ from visionbench.results.figures import save_rs_grid_figure
 from visionbench.results.records import atomic_write_json, read_json
 from visionbench.results.rows import rows_from_result
 from visionbench.runner import stages
-from visionbench.runner.core import ENCODER_FILE, Run
+from visionbench.runner.core import ENCODER_FILE, Run, is_global_zero
 
 PRETRAIN_DATASET = "eurosat-ms"  # the embedded pretraining images: its train split
 
@@ -69,6 +70,10 @@ def check_rs_data(cfg) -> None:
     if "pretrained" in cfg.eval.inits and not cfg.model.weights and cfg.pretrain is None:
         raise ConfigError("eval.inits has 'pretrained' but there is no model.weights (a local "
                           "weights file) and no 'pretrain' section")
+    want = 3 if cfg.rs_protocol.bands == "rgb" else 13
+    if cfg.data.in_chans != want:
+        raise ConfigError(f"rs_protocol.bands {cfg.rs_protocol.bands!r} reads {want} bands, but "
+                          f"data.in_chans is {cfg.data.in_chans}")
     if cfg.data.root is None:
         return
     for dataset in cfg.rs_protocol.datasets:
@@ -82,7 +87,7 @@ class GridInput(nn.Module):
     """An encoder reading raw digital numbers through one cell's normalization and resize."""
 
     def __init__(self, backbone: nn.Module, normalization: str, size: int, pooling: str,
-                 data_stats, pretrain_stats, pretrain_scale: float) -> None:
+                 data_stats, pretrain_stats, pretrain_scale: float, last_k: int = 4) -> None:
         super().__init__()
         grid = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
         if grid is not None and tuple(grid) != (size, size):
@@ -90,53 +95,61 @@ class GridInput(nn.Module):
             backbone = copy.deepcopy(backbone)
             backbone.set_input_size(img_size=size)
         self.backbone, self.normalization, self.size = backbone, normalization, size
-        self.pooling, self.data_stats = pooling, data_stats
+        self.pooling, self.last_k, self.data_stats = pooling, last_k, data_stats
         self.pretrain_stats, self.pretrain_scale = pretrain_stats, pretrain_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = rs.normalize(images.float(), self.normalization, data_stats=self.data_stats,
                          pretrain_stats=self.pretrain_stats, pretrain_scale=self.pretrain_scale)
-        return pooled_features(self.backbone, rs.resize(x, self.size), self.pooling)
+        return pooled_features(self.backbone, rs.resize(x, self.size), self.pooling,
+                               self.last_k)
 
 
 def data_statistics(run: Run, dataset: str, dm: MultispectralDataModule):
-    """Per-band mean / std of the train split (digital numbers), computed once."""
+    """Per-band mean / std of the train split (digital numbers), accumulated batch by batch
+    once, on rank 0 (a stage)."""
     path = run.dir / "evals" / "rs_protocol" / dataset / "train_stats.json"
-    if not path.exists():
-        images = torch.cat([b["image"] for b in dm.eval_dataloader("train")])
-        mean, std = rs.channel_stats(images)
+
+    def fit() -> None:
+        loader = stages.limited(dm.eval_dataloader("train"), run)
+        mean, std = rs.channel_stats(batch["image"] for batch in loader)
         atomic_write_json(path, {"mean": mean.tolist(), "std": std.tolist()})
+
+    stages.stage(run, f"rs:{dataset}:train statistics", path, fit)
     stats = read_json(path)
     return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
 
 
-def score_cell(p, train, test, num_classes: int, multi_label: bool, seed: int) -> dict:
+def score_cell(run: Run, init: str, train, test, num_classes: int,
+               multi_label: bool) -> dict:
+    p, seed = run.cfg.rs_protocol, run.cfg.seed
     train_x, test_x = train[0], test[0]
-    if p.standard_scale:
+    if init in p.standard_scale:
         train_x, test_x = rs.standard_scale(train_x, test_x)
     result = {f"knn{p.k}": rs.knn_scores(train_x, train[1], test_x, test[1], num_classes,
                                         p.k, multi_label, seed)}
     if p.linear_probe:
-        result["logistic"] = rs.logistic_probe(train_x, train[1], test_x, test[1],
-                                               multi_label, seed=seed)
+        if not multi_label and len(torch.unique(train[1])) < 2:  # e.g. a dry run's 2 batches
+            run.log("logistic probe skipped: the training features hold one class")
+        else:
+            result["logistic"] = rs.logistic_probe(train_x, train[1], test_x, test[1],
+                                                   multi_label, seed=seed)
     return result
 
 
-def cell_result(run: Run, dm: MultispectralDataModule, cell: GridInput, out: Path,
-                label: str) -> dict:
+def cell_result(run: Run, init: str, dm: MultispectralDataModule, cell: GridInput,
+                out: Path, label: str) -> dict:
     """One cell's scores: features of train and test (cached), kNN and the probe; a stage,
     skipped on resume once ``out/result.json`` exists."""
-    p = run.cfg.rs_protocol
-
     def fit() -> None:
         run.log(f"[{label}]")
         train, test = (cached_features(out / f"{split}.pt", cell,
                                        stages.limited(dm.eval_dataloader(split), run),
-                                       pooling=cell.pooling, device=stages.device(run))
+                                       pooling=cell.pooling, last_k=run.cfg.eval.last_k,
+                                       device=stages.device(run))
                        for split in ("train", "test"))
         atomic_write_json(out / "result.json",
-                          score_cell(p, train, test, dm.num_classes, dm.multi_label,
-                                     run.cfg.seed))
+                          score_cell(run, init, train, test, dm.num_classes, dm.multi_label))
 
     stages.stage(run, f"rs:{label}", out / "result.json", fit)
     return read_json(out / "result.json")
@@ -156,7 +169,8 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
                               "'pretrain' section")
         d = cfg.data
         dm = MultispectralDataModule(
-            data_root(run, PRETRAIN_DATASET), PRETRAIN_DATASET, batch_size=d.batch_size,
+            data_root(run, PRETRAIN_DATASET), PRETRAIN_DATASET,
+            bands=RGB_BANDS if p.bands == "rgb" else None, batch_size=d.batch_size,
             num_workers=d.num_workers, seed=cfg.seed,
             train_transform=MultispectralTrainTransform(d.image_size, d.mean, d.std),
             eval_transform=MultispectralEvalTransform(d.image_size, d.mean, d.std))
@@ -165,6 +179,7 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
     rows, grids, metric_names = [], {}, {}
     for dataset in p.datasets:
         dm = MultispectralDataModule(data_root(run, dataset), dataset,
+                                     bands=RGB_BANDS if p.bands == "rgb" else None,
                                      batch_size=p.batch_size, num_workers=cfg.data.num_workers,
                                      seed=cfg.seed)
         native = int(dm._loaded().train[0]["image"].shape[-1])
@@ -178,9 +193,10 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
                 for norm in p.normalizations:
                     out = run.dir / "evals" / "rs_protocol" / dataset / name / f"{size}_{norm}"
                     cell = GridInput(backbone, norm, size, cfg.eval.pooling, data_stats,
-                                     pretrain_stats, p.pretrain_scale)
-                    result = cell_result(run, dm, cell, out, f"{name}:{dataset}:{size}:{norm}")
-                    variant = rs.cell_variant(size, native, norm)
+                                     pretrain_stats, p.pretrain_scale, cfg.eval.last_k)
+                    result = cell_result(run, init, dm, cell, out,
+                                         f"{name}:{dataset}:{size}:{norm}")
+                    variant = rs.cell_variant(size, native, norm, p.bands)
                     for protocol, scores in result.items():
                         for row in rows_from_result(scores, init=name, protocol=protocol,
                                                     variant=variant, seed=cfg.seed):
@@ -188,5 +204,6 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
                     knn = result[f"knn{p.k}"]
                     grids.setdefault(dataset, {}).setdefault(name, {})[(str(size), norm)] = (
                         knn["map_micro"] if dm.multi_label else knn["top1"])
-    save_rs_grid_figure(run.dir / "figures" / "rs_protocol_grid.png", grids, metric_names)
+    if is_global_zero():
+        save_rs_grid_figure(run.dir / "figures" / "rs_protocol_grid.png", grids, metric_names)
     return rows, cfg.pretrain.epochs if pretrains else None
