@@ -182,7 +182,8 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
                                      bands=RGB_BANDS if p.bands == "rgb" else None,
                                      batch_size=p.batch_size, num_workers=cfg.data.num_workers,
                                      seed=cfg.seed)
-        native = int(dm._loaded().train[0]["image"].shape[-1])
+        dm.setup()
+        native = int(dm.splits.train[0]["image"].shape[-1])  # the data set's own size
         sizes = p.sizes or sorted({native, cfg.data.image_size})
         data_stats = data_statistics(run, dataset, dm)
         metric_names[dataset] = "micro mAP (%)" if dm.multi_label else "top-1 (%)"
