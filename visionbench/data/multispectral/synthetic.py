@@ -13,8 +13,9 @@ reflectance x 10000.
 
 EuroSAT-MS (``EUROSAT_CLASSES``, its 10 class folders) is built so that spatial structure,
 not a spectrum alone, tells classes apart: River and SeaLake share water and land (a
-meandering band against a shoreline); Highway, Industrial and Residential share roof and
-asphalt (a line, large blocks, a grid of small ones); AnnualCrop and PermanentCrop share crop
+meandering band against a shoreline); Highway, Industrial and Residential share asphalt
+(a road across fields; large roof and asphalt blocks; a grid of small roofs with streets and
+gardens); AnnualCrop and PermanentCrop share crop
 and soil (fields against rows); Pasture and HerbaceousVegetation share grass and shrub
 (large even parcels against patchy cover); Forest mixes two forest types under canopy
 texture. BigEarthNet-S2 patches are Voronoi mosaics of CORINE land-cover regions (a subset of
