@@ -49,6 +49,26 @@ def only_run(out: Path) -> Path:
     return runs[0]
 
 
+def kill_at_checkpoint(proc, out: Path, wanted, timeout: float = 240) -> Path:
+    """SIGKILL the run ``proc`` writes under ``out`` once its ``last.ckpt`` holds a
+    ``global_step`` that ``wanted(step)`` accepts; its run folder."""
+    deadline, run = time.time() + timeout, None
+    while time.time() < deadline:
+        found = list(out.glob("*/checkpoints/last.ckpt")) if out.exists() else []
+        if found and found[0].stat().st_size > 0:
+            ckpt = torch.load(found[0], map_location="cpu", weights_only=False)
+            if wanted(ckpt["global_step"]):
+                run = found[0].parents[1]
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    assert run is not None, "no checkpoint at a wanted step appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return run
+
+
 @pytest.mark.slow
 def test_mae_demo_runs_end_to_end_and_writes_a_complete_record(tmp_path):
     out = tmp_path / "runs"
@@ -151,21 +171,8 @@ def test_a_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
             "--set", "pretrain.checkpoint_every_n_steps=2", "--set", "eval.finetune.enabled=false",
             "--out", str(out), "--leaderboard", str(tmp_path / "lb.csv")]
     proc = visionbench(*args, cwd=tmp_path, wait=False)
-    deadline = time.time() + 240
-    run = None
-    while time.time() < deadline:
-        runs = list(out.glob("*/checkpoints/last.ckpt")) if out.exists() else []
-        if runs and runs[0].stat().st_size > 0:
-            run = runs[0].parents[1]
-            ckpt = torch.load(runs[0], map_location="cpu", weights_only=False)
-            if ckpt["global_step"] >= 4 and ckpt["global_step"] % 3:  # mid-epoch (3 steps/epoch)
-                break
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    assert run is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # mid-epoch (3 steps an epoch)
+    run = kill_at_checkpoint(proc, out, lambda step: step >= 4 and step % 3)
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "running" and not (run / "metrics.json").exists()
 

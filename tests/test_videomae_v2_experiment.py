@@ -3,13 +3,10 @@ figure, a corrupt clip under --data-root, kill and --resume mid-pretraining."""
 
 import json
 import shutil
-import signal
-import time
 
 import pytest
-import torch
 
-from tests.test_runner import only_run, visionbench
+from tests.test_runner import kill_at_checkpoint, only_run, visionbench
 from visionbench.results.leaderboard import read_leaderboard
 
 TOY = ["--set", "data.synth={train_per_class: 3, val_per_class: 1, test_per_class: 2}",
@@ -62,20 +59,7 @@ def test_videomae_v2_killed_mid_pretraining_resumes_and_finishes(tmp_path):
             "--set", "eval.finetune.enabled=false", "--out", str(out),
             "--leaderboard", str(tmp_path / "lb.csv")]
     proc = visionbench(*args, cwd=tmp_path, wait=False)
-    deadline, run = time.time() + 240, None
-    while time.time() < deadline:
-        found = list(out.glob("*/checkpoints/last.ckpt")) if out.exists() else []
-        if found and found[0].stat().st_size > 0:
-            ckpt = torch.load(found[0], map_location="cpu", weights_only=False)
-            if ckpt["global_step"] >= 4:
-                run = found[0].parents[1]
-                break
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    assert run is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run = kill_at_checkpoint(proc, out, lambda step: step >= 4)
     assert not (run / "metrics.json").exists()
     result = visionbench("run", "videomae-v2", "--resume", str(run), "--leaderboard",
                          str(tmp_path / "lb.csv"), cwd=tmp_path)
