@@ -64,7 +64,6 @@ Deviations from the official code:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -83,6 +82,7 @@ from visionbench.errors import ConfigError
 from visionbench.methods.base import PretrainModule
 from visionbench.methods.lars import LARS, add_weight_decay
 from visionbench.methods.registry import register_method
+from visionbench.methods.schedule import momentum_at
 from visionbench.schema import MethodConfig
 
 
@@ -279,12 +279,6 @@ def pixel_regression_loss(q: torch.Tensor, k: torch.Tensor, coord_q: torch.Tenso
 def instance_regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Official ``PixPro.regression_loss``: ``-2 <p, z>`` averaged over the batch."""
     return -2.0 * torch.einsum("nc,nc->n", p, z).mean()
-
-
-def momentum_at(k: int, total: int, base: float) -> float:
-    """``1 - (1 - base) (cos(pi k / K) + 1) / 2``: ``base`` at ``k = 0``, 1 at ``k = K``."""
-    k = min(k, total)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / max(total, 1)) + 1.0) / 2.0
 
 
 # -- model -----------------------------------------------------------------------------------

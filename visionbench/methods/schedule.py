@@ -28,6 +28,13 @@ def half_cycle_cosine(
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def momentum_at(k: int, total: int, base: float) -> float:
+    """``1 - (1 - base) (cos(pi k / K) + 1) / 2``: ``base`` at ``k = 0``, 1 at ``k = K``
+    (BYOL / MoCo v3 / PixPro's momentum schedule; ``k`` is clamped at ``K``)."""
+    k = min(k, total)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / max(total, 1)) + 1.0) / 2.0
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times its ``lr_scale`` (1 where it has none)."""
     for group in optimizer.param_groups:
