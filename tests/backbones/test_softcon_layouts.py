@@ -4,25 +4,28 @@
 init_values=1e-5, num_register_tokens=0, block_chunks=0``), loaded strictly by their own
 keys. Files built here in those layouts load into our backbones with the same outputs."""
 
+import pytest
 import torch
 import torchvision
 
 from visionbench.backbones import create_backbone, load_backbone_weights
 
 
-def test_a_softcon_resnet50_file_loads_strictly_and_gives_the_same_features(tmp_path):
+@pytest.mark.parametrize("bands", [13, 2])  # B13_rn50_softcon.pth, B2_rn50_softcon.pth (SAR)
+def test_a_softcon_resnet50_file_loads_strictly_and_gives_the_same_features(tmp_path, bands):
     torch.manual_seed(0)
     official = torchvision.models.resnet50()
-    official.conv1 = torch.nn.Conv2d(13, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    official.conv1 = torch.nn.Conv2d(bands, 64, kernel_size=7, stride=2, padding=3,
+                                     bias=False)
     official.fc = torch.nn.Identity()
     state = official.state_dict()
     assert len(state) == 318 and not any(k.startswith("fc.") for k in state)
-    path = tmp_path / "B13_rn50_softcon.pth"
+    path = tmp_path / f"B{bands}_rn50_softcon.pth"
     torch.save(state, path)
-    ours = create_backbone("resnet50", in_chans=13)
+    ours = create_backbone("resnet50", in_chans=bands)
     report = load_backbone_weights(ours, path, strict=True)
     assert not report.missing and not report.unexpected
-    x = torch.randn(2, 13, 64, 64)
+    x = torch.randn(2, bands, 64, 64)
     official.eval(), ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), official(x))

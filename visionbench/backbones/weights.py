@@ -168,16 +168,43 @@ def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], path: str | 
     module.load_state_dict(state, strict=True)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+def adapt_rgb_stem(weight: torch.Tensor, in_chans: int, rgb_index) -> torch.Tensor:
+    """A 3-channel stem kernel ``(out, 3, kh, kw)`` (R, G, B) for ``in_chans`` bands: R, G
+    and B go to the bands ``rgb_index`` names (e.g. B04, B03, B02; empty for inputs with no
+    RGB bands, e.g. SAR's VV / VH), every other band starts from the mean of the three, and
+    the kernel is scaled by ``3 / in_chans`` so a band-uniform input keeps its response
+    (timm's ``adapt_input_conv`` scales its repeats the same way)."""
+    rgb_index = list(rgb_index)
+    if weight.ndim != 4 or weight.shape[1] != 3 or len(rgb_index) not in (0, 3):
+        raise WeightsError(f"channel adaptation needs a (out, 3, kh, kw) stem and 3 band "
+                           f"positions, got {tuple(weight.shape)} and {rgb_index}")
+    out = weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1)
+    if rgb_index:
+        out[:, rgb_index] = weight
+    return out * (3.0 / in_chans)
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False,
+                          rgb_index=None) -> LoadReport:
     """Load a local checkpoint into a timm backbone and report what did not match.
 
     With ``strict=True`` any missing or unexpected encoder key is an error (the decoder and
-    classifier keys are set aside first and never count as unexpected).
+    classifier keys are set aside first and never count as unexpected). With ``rgb_index``
+    (the positions of R, G, B among the model's input bands), a 3-channel stem kernel of an
+    RGB checkpoint is adapted to the model's bands (``adapt_rgb_stem``), named in the report.
     """
     state = read_state_dict(path)
     encoder, decoder, aside = split_mae_state(state)
     report = LoadReport(str(path), set_aside=sorted(list(decoder) + aside))
     own = model.state_dict()
+    if rgb_index is not None:
+        for key, value in list(encoder.items()):
+            want = own.get(key)
+            if (want is not None and value.ndim == 4 and value.shape[1] == 3
+                    and want.shape[1] != 3 and want.shape[0] == value.shape[0]
+                    and want.shape[2:] == value.shape[2:]):
+                encoder[key] = adapt_rgb_stem(value, want.shape[1], rgb_index)
+                report.resized.append(key)
     if "pos_embed" in encoder and "pos_embed" in own:
         if encoder["pos_embed"].shape != own["pos_embed"].shape:
             grid = tuple(model.patch_embed.grid_size)
