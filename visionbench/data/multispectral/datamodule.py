@@ -8,7 +8,8 @@ remote-sensing protocol compares normalizations, so none is baked in). Splits ar
 set's own (torchgeo's split files); where one is missing (So2Sat v3 has no validation split,
 a GeoTIFF folder may list only ``train.csv``) it is carved from train, stratified and
 seeded; ``label_fraction`` keeps that share of the training split (BigEarthNet: a seeded
-random subset).
+random subset). ``in_memory`` decodes every sample once and keeps it (for small sets read
+over many epochs: a BigEarthNet patch is 12 GeoTIFFs to decode and resample).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class MultispectralDataModule(LabelledDataModule):
                  val_fraction: float = 0.1, test_fraction: float = 0.1,
                  train_transform: Callable[[dict], dict] | None = None,
                  eval_transform: Callable[[dict], dict] | None = None,
-                 so2sat_version: str = "3_random", multi_label_csv: bool = False) -> None:
+                 so2sat_version: str = "3_random", multi_label_csv: bool = False,
+                 in_memory: bool = False) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ConfigError(f"multispectral data set {dataset!r} (expected one of "
@@ -58,6 +60,7 @@ class MultispectralDataModule(LabelledDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.so2sat_version, self.multi_label_csv = so2sat_version, multi_label_csv
+        self.in_memory = in_memory
         self.splits: Splits | None = None
 
     @property
@@ -104,6 +107,13 @@ class MultispectralDataModule(LabelledDataModule):
                 test = carved.pop(0)
         return Splits(train, val, test, self.classes_of_train, self.dataset)
 
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            super().setup(stage)
+            if self.in_memory:
+                s = self.splits
+                s.train, s.val, s.test = InMemory(s.train), InMemory(s.val), InMemory(s.test)
+
     def _source(self) -> str:
         return f"{self.dataset} at {self.root}"
 
@@ -125,6 +135,25 @@ class MultispectralDataModule(LabelledDataModule):
         return self._loader(TransformedDataset(getattr(self._loaded(), split),
                                                self.eval_transform),
                             batch_size or self.batch_size, shuffle=False)
+
+
+class InMemory(Dataset):
+    """Every sample of ``dataset`` decoded once, on first use of the split, and kept;
+    ``targets`` and ``classes`` as the parent's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.targets = list(dataset.targets)
+        self.classes = list(dataset.classes)
+        self._samples: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if self._samples is None:
+            self._samples = [self.dataset[i] for i in range(len(self.dataset))]
+        return self._samples[index]
 
 
 class _Standardize:
