@@ -28,6 +28,7 @@ from pydantic import (
 
 from visionbench.errors import ConfigError
 from visionbench.methods import method_configs
+from visionbench.methods.softcon import SoftConConfig
 from visionbench.schema import LocalFile, Schedule, Strict
 
 __all__ = ["LocalFile", "Schedule", "Strict"]  # the shared pieces, re-exported
@@ -526,6 +527,44 @@ class RSProtocolConfig(Strict):
     pretrain_mean: list[float] | None = None
     pretrain_std: list[float] | None = None
     batch_size: int = Field(64, gt=0)
+    # a SoftCon-pretrained encoder beside the run's own (init ``softcon``): its method
+    # section; its scenes and label space come from the experiment's ``softcon`` section
+    softcon: SoftConConfig | None = None
+
+
+class SoftConLinearConfig(Strict):
+    """SSL4EO-S12's linear protocol (``linear_BE_moco.py`` / ``linear_EU_moco.py``): SGD
+    momentum 0.9, lr 0.05, batch 256, 100 epochs, lr x 0.1 at 60 and 80; the crop's scale
+    (0.8, 1) for BigEarthNet, (0.08, 1) for EuroSAT; the train subset's seed 42."""
+
+    epochs: int = Field(100, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(256, gt=0)
+    milestones: list[Annotated[int, Field(gt=0)]] = [60, 80]
+    bigearthnet_crop_scale: tuple[float, float] = (0.8, 1.0)
+    eurosat_crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 42
+
+
+class SoftConExperimentConfig(Strict):
+    """The ``softcon`` experiment: the pretraining scenes (``pretrain_dataset``: the
+    embedded BigEarthNet-layout patches, or under ``--data-root/ssl4eo-s12-ml/`` a GeoTIFF
+    folder whose CSV lists each scene's land-cover labels), their label space
+    (``dynamic-world``: BigEarthNet's 19 classes collapsed to Dynamic World's 9), then the
+    BigEarthNet linear protocol on ``bigearthnet_fraction`` of its train split and EuroSAT's
+    linear protocol and kNN-``k``."""
+
+    pretrain_dataset: Literal["bigearthnet", "geotiff"] = "geotiff"
+    pretrain_samples: int = Field(1000, gt=0)  # embedded scenes for pretraining
+    label_space: Literal["dataset", "dynamic-world"] = "dynamic-world"
+    bigearthnet_fraction: float = Field(0.1, gt=0, le=1)
+    bigearthnet_train: int = Field(1000, gt=0)  # embedded BigEarthNet train patches
+    linear: SoftConLinearConfig = SoftConLinearConfig()
+    eurosat: bool = True
+    k: int = Field(5, gt=0)
+    batch_size: int = Field(64, gt=0)  # feature extraction
+    in_memory: bool = False  # decode every sample once and keep it (small sets)
 
 
 class ExperimentConfig(Strict):
@@ -543,6 +582,7 @@ class ExperimentConfig(Strict):
     alpha_bn: AlphaBNConfig | None = None
     ln_removal: LNRemovalConfig | None = None
     rs_protocol: RSProtocolConfig | None = None
+    softcon: SoftConExperimentConfig | None = None
 
     @model_validator(mode="after")
     def _paper_needs_data(self, info: ValidationInfo) -> ExperimentConfig:

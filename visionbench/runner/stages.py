@@ -140,6 +140,8 @@ def pretrain(run: Run, section, dm, out: Path, *, model=None, label: str = "pret
                               **method_kwargs)
         if getattr(section, "official_weights", None):
             run.log(module.load_official(section.official_weights))
+        if getattr(module, "init_report", None):
+            run.log(module.init_report)
         run.log(f"[{label}] {section.method}, {section.epochs} epochs")
         fit_stage(run, module, dm, out, epochs=section.epochs,
                   checkpoint_every_n_steps=section.checkpoint_every_n_steps,

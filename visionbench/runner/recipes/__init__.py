@@ -10,6 +10,7 @@ from visionbench.runner.recipes.classification import (
 from visionbench.runner.recipes.ln_removal import run_ln_removal
 from visionbench.runner.recipes.norm_ablation import run_norm_ablation
 from visionbench.runner.recipes.rs_protocol import check_rs_data, run_rs_protocol
+from visionbench.runner.recipes.softcon import check_softcon_data, run_softcon
 from visionbench.runner.recipes.unip_infrared import check_unip_data, run_unip_infrared
 from visionbench.runner.recipes.video import check_video_data, run_video
 
@@ -21,9 +22,10 @@ RECIPES = {
     "ln_removal": run_ln_removal,
     "video": run_video,
     "rs_protocol": run_rs_protocol,
+    "softcon": run_softcon,
 }
 PREFLIGHTS = {"classification": check_classification_data, "unip_infrared": check_unip_data,
               "alpha_bn": check_alpha_bn_data, "video": check_video_data,
-              "rs_protocol": check_rs_data}
+              "rs_protocol": check_rs_data, "softcon": check_softcon_data}
 
 __all__ = ["PREFLIGHTS", "RECIPES"]
