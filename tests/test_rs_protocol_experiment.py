@@ -10,7 +10,9 @@ from visionbench.results.leaderboard import read_leaderboard
 
 TOY = ["--set", "data.synth={train_per_class: 2, val_per_class: 1, test_per_class: 1}",
        "--set", "data.batch_size=8", "--set", "pretrain.epochs=1",
-       "--set", "rs_protocol.normalizations=[standardize, divide]"]
+       "--set", "rs_protocol.normalizations=[standardize, divide]",
+       "--set", "rs_protocol.softcon.epochs=1", "--set", "rs_protocol.softcon.proj_dim=16",
+       "--set", "rs_protocol.softcon.proj_hidden_dim=32", "--set", "softcon.pretrain_samples=8"]
 
 
 @pytest.mark.slow
@@ -23,7 +25,8 @@ def test_rs_protocol_scores_every_cell_of_the_grid(tmp_path):
     assert (run / "figures" / "rs_protocol_grid.png").is_file()
     rows = read_leaderboard(board)
     rows = rows[rows.run_id == run.name]
-    assert set(rows.init) == {"mae", "random"} and set(rows.protocol) == {"knn5", "logistic"}
+    assert set(rows.init) == {"mae", "softcon", "random"}
+    assert set(rows.protocol) == {"knn5", "logistic"}
     euro = rows[rows.dataset == "eurosat-ms"]
     assert set(euro.metric) == {"top1"}
     assert set(euro.variant) == {f"bands=msi,interp={i},norm={n},size={s}"
@@ -33,7 +36,8 @@ def test_rs_protocol_scores_every_cell_of_the_grid(tmp_path):
     ben = rows[rows.dataset == "bigearthnet"]
     assert set(ben.metric) == {"map_micro", "map_macro"}
     assert {v.split("size=")[1] for v in ben.variant} == {"96", "120"}
-    assert len(rows) == 2 * 2 * 2 * 2 * 1 + 2 * 2 * 2 * 2 * 2  # inits x protocols x cells
+    assert len(rows) == 3 * 2 * 2 * 2 * 1 + 3 * 2 * 2 * 2 * 2  # inits x protocols x cells
+    assert (run / "softcon" / "encoder.safetensors").is_file()
 
 
 def test_a_corrupt_geotiff_under_the_data_root_is_one_line_and_exit_2(tmp_path):
@@ -45,7 +49,8 @@ def test_a_corrupt_geotiff_under_the_data_root_is_one_line_and_exit_2(tmp_path):
     victim = sorted((root / "eurosat-ms" / EUROSAT_DIR).rglob("*.tif"))[0]
     victim.write_bytes(victim.read_bytes()[:300])
     args = ["--set", "rs_protocol.datasets=[eurosat-ms]", "--set", "eval.inits=[random]",
-            "--data-root", str(root), "--out", str(tmp_path / "runs")]
+            "--set", "rs_protocol.softcon=null", "--data-root", str(root),
+            "--out", str(tmp_path / "runs")]
     result = visionbench("run", "rs-protocol", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -56,3 +61,9 @@ def test_a_corrupt_geotiff_under_the_data_root_is_one_line_and_exit_2(tmp_path):
                          cwd=tmp_path)
     assert result.returncode == 2 and "no folder for data set bigearthnet" in result.stderr
     assert not (tmp_path / "runs2").exists()  # refused before a run folder exists
+    # the SoftCon encoder's scenes come from --data-root too
+    result = visionbench("run", "rs-protocol", "--set", "rs_protocol.datasets=[eurosat-ms]",
+                         "--data-root", str(root), "--out", str(tmp_path / "runs3"),
+                         cwd=tmp_path)
+    assert result.returncode == 2 and "no folder for ssl4eo-s12-ml" in result.stderr
+    assert not (tmp_path / "runs3").exists()

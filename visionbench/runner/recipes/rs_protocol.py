@@ -1,10 +1,12 @@
 """The resize-and-normalization protocol of remote-sensing encoders (``rs-protocol``):
 for each encoder (``eval.inits``: this run's MAE-pretrained multispectral encoder or
-``model.weights``, and random init), each data set (``rs_protocol.datasets``), each input
-size (native and the pretraining size) and each normalization, frozen features of the train
-and test splits -> kNN-5 and the logistic-regression probe (``evals/rs_protocol.py``). Every
-cell is a leaderboard row whose ``variant`` names size, interpolation and normalization;
-a figure of the grid and the report's table.
+``model.weights``, and random init; with ``rs_protocol.softcon``, a SoftCon-pretrained one,
+init ``softcon``, pretrained on the ``softcon`` experiment's scenes), each data set
+(``rs_protocol.datasets``), each input size (native and the pretraining size) and each
+normalization, frozen features of the train and test splits -> kNN-5 and the
+logistic-regression probe (``evals/rs_protocol.py``). Every cell is a leaderboard row whose
+``variant`` names size, interpolation and normalization; a figure of the grid and the
+report's table.
 
 Data: the embedded EuroSAT-MS and BigEarthNet-S2 sets (``data.synth`` tiles a class; the
 BigEarthNet splits hold that many x 10 patches), or ``--data-root`` with one folder per data
@@ -38,6 +40,7 @@ from visionbench.results.records import atomic_write_json, read_json
 from visionbench.results.rows import rows_from_result
 from visionbench.runner import stages
 from visionbench.runner.core import ENCODER_FILE, Run, is_global_zero
+from visionbench.runner.recipes.softcon import check_pretraining_scenes, pretraining_datamodule
 
 PRETRAIN_DATASET = "eurosat-ms"  # the embedded pretraining images: its train split
 
@@ -81,6 +84,8 @@ def check_rs_data(cfg) -> None:
         if not root.is_dir():
             raise DataError(f"{root}: no folder for data set {dataset} under --data-root")
         MultispectralDataModule(root, dataset).setup()
+    if cfg.rs_protocol.softcon is not None:
+        check_pretraining_scenes(cfg)
 
 
 class GridInput(nn.Module):
@@ -175,6 +180,12 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
             train_transform=MultispectralTrainTransform(d.image_size, d.mean, d.std),
             eval_transform=MultispectralEvalTransform(d.image_size, d.mean, d.std))
         stages.pretrain(run, cfg.pretrain, dm, run.dir, encoder_file=encoder_file)
+    encoders = {init: encoder_file for init in cfg.eval.inits}
+    if p.softcon is not None:
+        encoders["softcon"] = run.dir / "softcon" / ENCODER_FILE
+        stages.pretrain(run, p.softcon, pretraining_datamodule(run, p.softcon),
+                        run.dir / "softcon", label="softcon pretraining",
+                        key="rs_protocol.softcon", encoder_file=encoders["softcon"])
     pretrain_stats = (p.pretrain_mean or cfg.data.mean, p.pretrain_std or cfg.data.std)
     rows, grids, metric_names = [], {}, {}
     for dataset in p.datasets:
@@ -187,15 +198,17 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
         sizes = p.sizes or sorted({native, cfg.data.image_size})
         data_stats = data_statistics(run, dataset, dm)
         metric_names[dataset] = "micro mAP (%)" if dm.multi_label else "top-1 (%)"
-        for init in cfg.eval.inits:
-            name = stages.init_name(run, init)
-            backbone = stages.evaluation_backbone(run, init, encoder_file=encoder_file)
+        for init, file in encoders.items():
+            name = "softcon" if init == "softcon" else stages.init_name(run, init)
+            backbone = (stages.load_encoder(run, file) if init == "softcon" else
+                        stages.evaluation_backbone(run, init, encoder_file=file))
             for size in sizes:
                 for norm in p.normalizations:
                     out = run.dir / "evals" / "rs_protocol" / dataset / name / f"{size}_{norm}"
                     cell = GridInput(backbone, norm, size, cfg.eval.pooling, data_stats,
                                      pretrain_stats, p.pretrain_scale, cfg.eval.last_k)
-                    result = cell_result(run, init, dm, cell, out,
+                    result = cell_result(run, "random" if init == "random" else "pretrained",
+                                         dm, cell, out,
                                          f"{name}:{dataset}:{size}:{norm}")
                     variant = rs.cell_variant(size, native, norm, p.bands)
                     for protocol, scores in result.items():
