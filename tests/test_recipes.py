@@ -70,9 +70,14 @@ def tiny_imagefolder(tmp_path_factory):
     return root
 
 
-# PixPro's paper detection (C4, SyncBN, 24k steps of 16 images at 800 px) dry-runs its 2
-# steps on 2 images of 64 px with 16 RoIs each: CPU-sized, the wiring of the paper profile.
-PAPER_EXTRA = {"pixpro": ["--set", "eval.detection.batch_size=2", "--set",
+# the paper profiles' wiring at ViT-B / ResNet-50 and 224 px, on batches of 4 images (MAE's
+# ViT-B with 2 of its 12 blocks and a 1-block decoder). PixPro's paper detection (C4, SyncBN,
+# 24k steps of 16 images at 800 px) dry-runs its 2 steps on 2 images of 64 px with 16 RoIs
+# each: CPU-sized, the wiring of the paper profile.
+PAPER_SMALL = ["--set", "data.batch_size=4", "--set", "eval.finetune.batch_size=4"]
+PAPER_EXTRA = {"mae": ["--set", "model.backbone_kwargs={depth: 2}",
+                       "--set", "pretrain.decoder_depth=1"],
+               "pixpro": ["--set", "eval.detection.batch_size=2", "--set",
                           "eval.detection.image_size=64", "--set",
                           "eval.detection.roi_batch_size=16", "--set",
                           "eval.detection.classes=" + json.dumps(SCENE_CLASSES)]}
@@ -82,7 +87,7 @@ PAPER_EXTRA = {"pixpro": ["--set", "eval.detection.batch_size=2", "--set",
 @pytest.mark.parametrize("name", ["mae", "pixpro", "selfie"])
 def test_paper_profiles_dry_run_on_real_data_layouts(tmp_path, tiny_imagefolder, name):
     run, status = dry_run(tmp_path, name, "--profile", "paper", "--data-root",
-                          str(tiny_imagefolder), *PAPER_EXTRA.get(name, []))
+                          str(tiny_imagefolder), *PAPER_SMALL, *PAPER_EXTRA.get(name, []))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["profile"] == "paper" and cfg["data"]["image_size"] == 224
     assert cfg["model"]["backbone"] in ("vit_base_patch16_224", "resnet50")
