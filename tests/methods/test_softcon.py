@@ -210,6 +210,17 @@ def test_rgb_checkpoint_adapts_to_thirteen_bands(tmp_path):
     torch.testing.assert_close(sar, w3.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1) * 1.5)
     with pytest.raises(WeightsError, match="channel adaptation"):
         adapt_rgb_stem(torch.zeros(4, 2, 3, 3), 13, [3, 2, 1])
+    # continual pretraining through the config: from_config adapts and names it
+    from types import SimpleNamespace
+
+    section = SoftConConfig(init_weights=str(path), proj_hidden_dim=16, proj_dim=8)
+    module = SoftCon.from_config(tiny_vit(in_chans=13), section, SimpleNamespace(backbone="vit"),
+                                 SimpleNamespace(in_chans=13, batch_size=4))
+    assert "patch_embed.proj.weight" in module.init_report
+    torch.testing.assert_close(module.encoder.patch_embed.proj.weight, w)
+    torch.testing.assert_close(module.encoder_k.patch_embed.proj.weight, w)  # teacher too
+    with pytest.raises(ValueError, match="weights file .* not found"):
+        SoftConConfig(init_weights=str(tmp_path / "missing.pth"))
 
 
 def test_two_view_transform_and_single_label_data_is_an_error():

@@ -71,7 +71,7 @@ from visionbench.methods.base import PretrainModule
 from visionbench.methods.mae import random_masking
 from visionbench.methods.registry import register_method
 from visionbench.methods.schedule import momentum_at
-from visionbench.schema import MethodConfig
+from visionbench.schema import LocalFile, MethodConfig
 
 
 class SoftConConfig(MethodConfig):
@@ -92,7 +92,7 @@ class SoftConConfig(MethodConfig):
     label_similarity: Literal["cosine", "jaccard"] = "cosine"
     mask_ratio: float = Field(0.5, ge=0, lt=1)  # Siamese masking of the student's ViT tokens
     mask_teacher: bool = False
-    init_weights: str | None = None  # a local RGB (or same-band) checkpoint to continue from
+    init_weights: LocalFile = None  # a local RGB (or same-band) checkpoint to continue from
     crop_scale: tuple[float, float] = (0.08, 1.0)  # --crop-min 0.08
 
     @field_validator("crop_scale")
