@@ -196,8 +196,19 @@ def test_rgb_checkpoint_adapts_to_thirteen_bands(tmp_path):
     rgb = tiny_vit(in_chans=3)
     path = tmp_path / "rgb.pth"
     torch.save(rgb.state_dict(), path)
+    # the default: the stem keeps the model's random init, every other layer loads
     ms = tiny_vit(in_chans=13)
-    report = load_backbone_weights(ms, path, strict=True, rgb_index=[3, 2, 1])
+    own_stem = ms.patch_embed.proj.weight.detach().clone()
+    report = load_backbone_weights(ms, path, strict=True, stem="random")
+    assert "patch_embed.proj.weight" in report.set_aside and not report.missing
+    assert torch.equal(ms.patch_embed.proj.weight, own_stem)
+    torch.testing.assert_close(ms.patch_embed.proj.bias, rgb.patch_embed.proj.bias)
+    torch.testing.assert_close(ms.blocks[0].attn.qkv.weight, rgb.blocks[0].attn.qkv.weight)
+    with pytest.raises(WeightsError, match="has shape"):  # without stem handling: an error
+        load_backbone_weights(tiny_vit(in_chans=13), path)
+    # weight inflation
+    ms = tiny_vit(in_chans=13)
+    report = load_backbone_weights(ms, path, strict=True, stem="adapt", rgb_index=[3, 2, 1])
     assert "patch_embed.proj.weight" in report.resized
     w, w3 = ms.patch_embed.proj.weight.detach(), rgb.patch_embed.proj.weight.detach()
     torch.testing.assert_close(w[:, [3, 2, 1]], w3 * 3 / 13)
@@ -213,7 +224,8 @@ def test_rgb_checkpoint_adapts_to_thirteen_bands(tmp_path):
     # continual pretraining through the config: from_config adapts and names it
     from types import SimpleNamespace
 
-    section = SoftConConfig(init_weights=str(path), proj_hidden_dim=16, proj_dim=8)
+    section = SoftConConfig(init_weights=str(path), stem_init="adapt", proj_hidden_dim=16,
+                            proj_dim=8)
     module = SoftCon.from_config(tiny_vit(in_chans=13), section, SimpleNamespace(backbone="vit"),
                                  SimpleNamespace(in_chans=13, batch_size=4))
     assert "patch_embed.proj.weight" in module.init_report

@@ -185,24 +185,34 @@ def adapt_rgb_stem(weight: torch.Tensor, in_chans: int, rgb_index) -> torch.Tens
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = False,
-                          rgb_index=None) -> LoadReport:
+                          stem: str | None = None, rgb_index=()) -> LoadReport:
     """Load a local checkpoint into a timm backbone and report what did not match.
 
     With ``strict=True`` any missing or unexpected encoder key is an error (the decoder and
-    classifier keys are set aside first and never count as unexpected). With ``rgb_index``
-    (the positions of R, G, B among the model's input bands), a 3-channel stem kernel of an
-    RGB checkpoint is adapted to the model's bands (``adapt_rgb_stem``), named in the report.
+    classifier keys are set aside first and never count as unexpected). ``stem`` handles a
+    checkpoint whose stem kernel has other input channels than the model (an RGB checkpoint
+    for a multispectral model): ``"random"`` sets it aside and keeps the model's own random
+    init of that layer, ``"adapt"`` maps an RGB kernel onto the bands (``adapt_rgb_stem``
+    with ``rgb_index``, the positions of R, G, B among the model's inputs); both are named
+    in the report. None: a mismatch is an error.
     """
+    if stem not in (None, "random", "adapt"):
+        raise WeightsError(f"stem handling {stem!r} (expected random or adapt)")
     state = read_state_dict(path)
     encoder, decoder, aside = split_mae_state(state)
     report = LoadReport(str(path), set_aside=sorted(list(decoder) + aside))
     own = model.state_dict()
-    if rgb_index is not None:
-        for key, value in list(encoder.items()):
-            want = own.get(key)
-            if (want is not None and value.ndim == 4 and value.shape[1] == 3
-                    and want.shape[1] != 3 and want.shape[0] == value.shape[0]
-                    and want.shape[2:] == value.shape[2:]):
+    kept_init = []
+    for key, value in list(encoder.items()) if stem else ():
+        want = own.get(key)
+        if (want is not None and value.ndim == 4 and want.ndim == 4
+                and value.shape[1] != want.shape[1] and want.shape[0] == value.shape[0]
+                and want.shape[2:] == value.shape[2:]):
+            if stem == "random":
+                del encoder[key]
+                kept_init.append(key)
+                report.set_aside.append(key)
+            else:
                 encoder[key] = adapt_rgb_stem(value, want.shape[1], rgb_index)
                 report.resized.append(key)
     if "pos_embed" in encoder and "pos_embed" in own:
@@ -219,7 +229,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = Fal
                 f"{tuple(own[key].shape)}"
             )
     result = model.load_state_dict(encoder, strict=False)
-    report.missing = sorted(result.missing_keys)
+    report.missing = sorted(set(result.missing_keys) - set(kept_init))
     report.unexpected = sorted(result.unexpected_keys)
     if strict and (report.missing or report.unexpected):
         raise WeightsError(f"{path}: keys do not match the model: {report.summary()}")

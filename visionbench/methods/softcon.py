@@ -30,11 +30,14 @@ group's SSL4EO-S12 (zhu-xlab/SSL4EO-S12, ``src/benchmark/pretrain_ssl/``):
   ViT's patch tokens dropped (MAE's per-sample ``random_masking``), the teacher encodes the
   whole views (``mask_teacher`` masks them too). ResNets are not masked.
 - **Continual pretraining with channel adaptation**: ``init_weights`` (a local RGB
-  checkpoint, e.g. DINOv2's or an ImageNet ResNet-50) is loaded into the multispectral
-  backbone; its 3-channel stem goes to the B04 / B03 / B02 positions (a 2-band SAR input has
-  none), every other band starts from the mean of the three, and the whole kernel is scaled
-  by ``3 / in_chans``
-  (``visionbench.backbones.weights.adapt_rgb_stem``).
+  checkpoint: DINOv2's for the ViTs, DINO's for ResNet-50) is loaded into the multispectral
+  backbone. Its stem, whose input channels differ, is by default left at the model's random
+  init while every other layer is loaded (``stem_init: random``; a third-party summary of
+  the paper, the only account of its method section found here, reports this "simple
+  weight-initialization" and its advantage over weight inflation). ``stem_init: adapt``
+  inflates it instead: the 3-channel kernel goes to B04 / B03 / B02 (a 2-band SAR input has
+  none), every other band starts from the mean of the three, and the kernel is scaled by
+  ``3 / in_chans`` (``visionbench.backbones.weights.adapt_rgb_stem``).
 - **Data** (``pretrain_moco_v3_s2c.py`` with ``rs_transforms_float32.py``): two views, each
   RandomResizedCrop (scale ``crop_scale``), band-uniform brightness and contrast 0.4 with
   p 0.8 (``RandomBrightness``, ``RandomContrast``), grayscale (the band mean in every band)
@@ -93,6 +96,9 @@ class SoftConConfig(MethodConfig):
     mask_ratio: float = Field(0.5, ge=0, lt=1)  # Siamese masking of the student's ViT tokens
     mask_teacher: bool = False
     init_weights: LocalFile = None  # a local RGB (or same-band) checkpoint to continue from
+    # its stem when the input channels differ: the model's random init, or the RGB kernel
+    # mapped onto the bands (weight inflation)
+    stem_init: Literal["random", "adapt"] = "random"
     crop_scale: tuple[float, float] = (0.08, 1.0)  # --crop-min 0.08
 
     @field_validator("crop_scale")
@@ -274,9 +280,10 @@ class SoftCon(PretrainModule):
         if section.init_weights:
             from visionbench.backbones.weights import load_backbone_weights
 
-            # 13 bands: R, G, B at B04 / B03 / B02; other inputs (SAR) start from their mean
+            # adapt: 13 bands take R, G, B at B04 / B03 / B02; other inputs (SAR) the mean
             rgb = [S2_BANDS.index(b) for b in RGB_BANDS] if data.in_chans == 13 else []
-            report = load_backbone_weights(encoder, section.init_weights, rgb_index=rgb)
+            report = load_backbone_weights(encoder, section.init_weights,
+                                           stem=section.stem_init, rgb_index=rgb)
         module = cls(encoder, section, batch_size=data.batch_size,
                      backbone=getattr(model, "backbone", None))
         if section.init_weights:
