@@ -546,6 +546,22 @@ class SoftConLinearConfig(Strict):
     eurosat_crop_scale: tuple[float, float] = (0.08, 1.0)
     seed: int = 42
 
+    @field_validator("bigearthnet_crop_scale", "eurosat_crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop scale {value}: expected 0 < min <= max <= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _milestones_in_range(self):
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones {late} are not before epoch {self.epochs}: the lr "
+                             "would never step")
+        return self
+
 
 class SoftConExperimentConfig(Strict):
     """The ``softcon`` experiment: the pretraining scenes (``pretrain_dataset``: the

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from visionbench.errors import ConfigError
-from visionbench.evals.ssl4eo_linear import LinearSpec, step_lr, train_linear, transforms
+from visionbench.evals.ssl4eo_linear import (
+    LinearSpec,
+    random_subset_indices,
+    step_lr,
+    train_linear,
+    transforms,
+)
 
 
 def band_means(images):
@@ -32,6 +38,28 @@ def test_step_schedule_as_adjust_learning_rate():
     assert step_lr(0.05, 59, (60, 80)) == 0.05
     assert step_lr(0.05, 60, (60, 80)) == pytest.approx(0.005)
     assert step_lr(0.05, 99, (60, 80)) == pytest.approx(0.0005)
+
+
+def test_the_label_fraction_is_the_official_draw_with_replacement():
+    import numpy as np
+
+    picks = random_subset_indices(1000, 0.1, seed=42)
+    assert picks == np.random.default_rng(42).choice(range(1000), 100).tolist()
+    assert len(picks) == 100 and len(set(picks)) < 100  # drawn with replacement
+    assert random_subset_indices(7, 1.0) == list(range(7))
+    with pytest.raises(ConfigError, match="keeps none"):
+        random_subset_indices(5, 0.1)
+
+
+def test_milestones_and_crop_scales_are_validated():
+    from pydantic import ValidationError
+
+    from visionbench.config import SoftConLinearConfig
+
+    with pytest.raises(ValidationError, match="would never step"):
+        SoftConLinearConfig(epochs=50)
+    with pytest.raises(ValidationError, match="crop scale"):
+        SoftConLinearConfig(eurosat_crop_scale=(0.9, 0.1))
 
 
 def test_transform_sizes_keep_the_official_ratio():

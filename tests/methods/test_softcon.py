@@ -119,6 +119,9 @@ def test_label_similarity_and_targets_by_hand():
     assert shifted[0, 3] == 1 and shifted[1, 4] == 1
     with pytest.raises(ConfigError, match="cosine or jaccard"):
         label_similarity(LABELS, LABELS, "dice")
+    # integer labels compare as floats
+    ints = LABELS.long()
+    torch.testing.assert_close(label_similarity(ints, ints), s.float())
 
 
 def test_dynamic_world_map_collapses_bigearthnet_labels():
@@ -188,7 +191,9 @@ def test_softcon_needs_vit_or_resnet_and_masks_vits_only():
     resnet = create_backbone("resnet18", in_chans=13)
     module = SoftCon(resnet, SoftConConfig(proj_hidden_dim=16, proj_dim=8), batch_size=2)
     assert module.mask_ratio == 0.0 and len(module.projector) == 5  # 2 layers for ResNets
-    assert METHODS["softcon"] is SoftCon
+    assert METHODS["softcon"] is SoftCon and SoftCon.sync_batchnorm
+    with pytest.raises(ConfigError, match="keeps no patch token"):
+        SoftCon(tiny_vit(), SoftConConfig(mask_ratio=0.95), batch_size=2)  # 16 patches
 
 
 def test_rgb_checkpoint_adapts_to_thirteen_bands(tmp_path):
@@ -221,6 +226,8 @@ def test_rgb_checkpoint_adapts_to_thirteen_bands(tmp_path):
     torch.testing.assert_close(sar, w3.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1) * 1.5)
     with pytest.raises(WeightsError, match="channel adaptation"):
         adapt_rgb_stem(torch.zeros(4, 2, 3, 3), 13, [3, 2, 1])
+    with pytest.raises(WeightsError, match="channel adaptation"):  # a band index outside
+        adapt_rgb_stem(w3, 2, [3, 2, 1])
     # continual pretraining through the config: from_config adapts and names it
     from types import SimpleNamespace
 

@@ -175,7 +175,8 @@ def adapt_rgb_stem(weight: torch.Tensor, in_chans: int, rgb_index) -> torch.Tens
     the kernel is scaled by ``3 / in_chans`` so a band-uniform input keeps its response
     (timm's ``adapt_input_conv`` scales its repeats the same way)."""
     rgb_index = list(rgb_index)
-    if weight.ndim != 4 or weight.shape[1] != 3 or len(rgb_index) not in (0, 3):
+    if (weight.ndim != 4 or weight.shape[1] != 3 or len(rgb_index) not in (0, 3)
+            or any(not 0 <= i < in_chans for i in rgb_index)):
         raise WeightsError(f"channel adaptation needs a (out, 3, kh, kw) stem and 3 band "
                            f"positions, got {tuple(weight.shape)} and {rgb_index}")
     out = weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1)

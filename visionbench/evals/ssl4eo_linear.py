@@ -15,7 +15,11 @@ As the official scripts:
   flip; test transform Resize(256) + CenterCrop(224);
 - BigEarthNet: ``MultiLabelSoftMarginLoss``, micro-averaged average precision
   (``multilabel_average_precision``, here with macro beside it); EuroSAT: cross-entropy and
-  top-1 accuracy; the 10 % label fraction is ``random_subset(train, 0.1, seed 42)``.
+  top-1 accuracy; the 10 % label fraction is ``random_subset(train, 0.1, seed 42)``
+  (``datasets/BigEarthNet/bigearthnet_dataset_seco_lmdb_s2_uint8.py``: NumPy's
+  ``default_rng(42).choice(N, int(0.1 N))``, drawn with replacement, so a patch can repeat;
+  ``random_subset_indices``). The official draws from its LMDB's order, ours from the
+  split file's, so the patches match only where those orders do.
 
 Deviations: sizes scale with ``size`` (crop ``size``, test resize ``round(size x 256 /
 224)``), so a demo at 96 px keeps the official ratio; scores are over the whole test split
@@ -54,6 +58,20 @@ class LinearSpec:
         if self.epochs < 1 or self.batch_size < 1 or self.size < 1 or self.lr <= 0:
             raise ConfigError(f"linear protocol: epochs, batch size, size and lr must be "
                               f"positive, got {self}")
+
+
+def random_subset_indices(n: int, fraction: float, seed: int = 42) -> list[int]:
+    """The official ``random_subset``: ``int(fraction x n)`` indices drawn with replacement
+    by ``numpy.random.default_rng(seed).choice``; all of them at a fraction of 1 (the
+    official draws no subset then)."""
+    import numpy as np
+
+    if fraction >= 1:
+        return list(range(n))
+    count = int(fraction * n)
+    if count < 1:
+        raise ConfigError(f"a label fraction of {fraction:g} of {n} samples keeps none")
+    return np.random.default_rng(seed).choice(range(n), count).tolist()
 
 
 def step_lr(lr: float, epoch: int, milestones: Sequence[int]) -> float:

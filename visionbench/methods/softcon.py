@@ -48,7 +48,9 @@ Deviations from SSL4EO-S12's MoCo v3 script (the paper's own choices being unkno
 with MAE's ``blr x batch / 256`` and per-step warmup + cosine (the script: LARS lr 0.6,
 wd 1e-6, no batch scaling, for ResNets); ``tau`` 0.2 (MoCo v3's ViT value; the script's
 default 1.0); the ViT's token dropping (the script does not mask); the blur's kernel is
-``2 ceil(3 sigma) + 1`` pixels (torchvision; the script's cv2 picks its own size).
+``2 ceil(3 sigma) + 1`` pixels (torchvision; the script's cv2 picks its own size). As the
+script's defaults, the patch embedding trains (``--stop-grad-conv1`` off) and every
+BatchNorm is synchronized across ranks (``sync_batchnorm``: SyncBatchNorm under DDP).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class SoftConConfig(MethodConfig):
 def label_similarity(a: torch.Tensor, b: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """``S`` ``(len(a), len(b))`` between multi-label vectors (rows of ``a`` / ``b``, 0/1 or
     fractions): cosine, or Jaccard ``sum min / sum max``; 0 where either vector is empty."""
-    a, b = a.to(torch.promote_types(a.dtype, torch.float32)), b.to(a.dtype)
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    b = b.to(a.dtype)
     if kind == "cosine":
         return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
     if kind == "jaccard":
@@ -255,6 +258,7 @@ class SoftCon(PretrainModule):
 
     config = SoftConConfig
     families = ("vit", "resnet")
+    sync_batchnorm = True  # the runner passes Trainer(sync_batchnorm=True) under DDP
 
     def __init__(self, encoder: nn.Module, section: SoftConConfig | None = None, *,
                  batch_size: int = 64, backbone: str | None = None) -> None:
@@ -267,6 +271,9 @@ class SoftCon(PretrainModule):
         super().__init__(section, batch_size=batch_size, betas=(0.9, 0.999))
         self.section = section
         self.mask_ratio = section.mask_ratio if is_vit else 0.0
+        if is_vit and int(encoder.patch_embed.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ConfigError(f"pretrain.mask_ratio {section.mask_ratio} keeps no patch token "
+                              f"of the {encoder.patch_embed.num_patches}")
         dim, hidden, out = int(encoder.num_features), section.proj_hidden_dim, section.proj_dim
         self.encoder = encoder
         self.projector = build_mlp(3 if is_vit else 2, dim, hidden, out)

@@ -8,7 +8,8 @@ remote-sensing protocol compares normalizations, so none is baked in). Splits ar
 set's own (torchgeo's split files); where one is missing (So2Sat v3 has no validation split,
 a GeoTIFF folder may list only ``train.csv``) it is carved from train, stratified and
 seeded; ``label_fraction`` keeps that share of the training split (BigEarthNet: a seeded
-random subset). ``in_memory`` decodes every sample once and keeps it (for small sets read
+random subset; ``train_subset(n)`` instead picks the training indices, e.g. a protocol's
+official draw). ``in_memory`` decodes every sample once and keeps it (for small sets read
 over many epochs: a BigEarthNet patch is 12 GeoTIFFs to decode and resample).
 """
 
@@ -46,7 +47,8 @@ class MultispectralDataModule(LabelledDataModule):
                  train_transform: Callable[[dict], dict] | None = None,
                  eval_transform: Callable[[dict], dict] | None = None,
                  so2sat_version: str = "3_random", multi_label_csv: bool = False,
-                 in_memory: bool = False) -> None:
+                 in_memory: bool = False,
+                 train_subset: Callable[[int], Sequence[int]] | None = None) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ConfigError(f"multispectral data set {dataset!r} (expected one of "
@@ -60,7 +62,7 @@ class MultispectralDataModule(LabelledDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.so2sat_version, self.multi_label_csv = so2sat_version, multi_label_csv
-        self.in_memory = in_memory
+        self.in_memory, self.train_subset = in_memory, train_subset
         self.splits: Splits | None = None
 
     @property
@@ -110,6 +112,9 @@ class MultispectralDataModule(LabelledDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             super().setup(stage)
+            if self.train_subset is not None:  # a protocol's own draw of training indices
+                s = self.splits
+                s.train = LabelledSubset(s.train, self.train_subset(len(s.train)))
             if self.in_memory:
                 s = self.splits
                 s.train, s.val, s.test = InMemory(s.train), InMemory(s.val), InMemory(s.test)
@@ -138,21 +143,19 @@ class MultispectralDataModule(LabelledDataModule):
 
 
 class InMemory(Dataset):
-    """Every sample of ``dataset`` decoded once, on first use of the split, and kept;
-    ``targets`` and ``classes`` as the parent's."""
+    """Every sample of ``dataset`` decoded once, here in the main process (so loader
+    workers inherit the samples instead of decoding them again), and kept; ``targets`` and
+    ``classes`` as the parent's."""
 
     def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
         self.targets = list(dataset.targets)
         self.classes = list(dataset.classes)
-        self._samples: list | None = None
+        self._samples = [dataset[i] for i in range(len(dataset))]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self._samples)
 
     def __getitem__(self, index: int):
-        if self._samples is None:
-            self._samples = [self.dataset[i] for i in range(len(self.dataset))]
         return self._samples[index]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionbench.backbones import backbone_family
 from visionbench.data.multispectral.bands import RGB_BANDS
 from visionbench.data.multispectral.datamodule import (
     MultispectralDataModule,
@@ -35,6 +36,7 @@ from visionbench.data.multispectral.synthetic import (
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals import rs_protocol as rs
 from visionbench.evals.features import cached_features, pooled_features
+from visionbench.methods import method_class
 from visionbench.results.figures import save_rs_grid_figure
 from visionbench.results.records import atomic_write_json, read_json
 from visionbench.results.rows import rows_from_result
@@ -85,6 +87,10 @@ def check_rs_data(cfg) -> None:
             raise DataError(f"{root}: no folder for data set {dataset} under --data-root")
         MultispectralDataModule(root, dataset).setup()
     if cfg.rs_protocol.softcon is not None:
+        families = method_class("softcon").families
+        if backbone_family(cfg.model.backbone) not in families:
+            raise ConfigError(f"rs_protocol.softcon: softcon pretrains the families "
+                              f"{', '.join(families)}, not {cfg.model.backbone}")
         check_pretraining_scenes(cfg)
 
 
@@ -205,8 +211,11 @@ def run_rs_protocol(run: Run) -> tuple[list[dict], int | None]:
             for size in sizes:
                 for norm in p.normalizations:
                     out = run.dir / "evals" / "rs_protocol" / dataset / name / f"{size}_{norm}"
+                    # SoftCon pretrained here on (x - data.mean) / data.std
+                    stats, scale = (((cfg.data.mean, cfg.data.std), 1.0) if init == "softcon"
+                                    else (pretrain_stats, p.pretrain_scale))
                     cell = GridInput(backbone, norm, size, cfg.eval.pooling, data_stats,
-                                     pretrain_stats, p.pretrain_scale, cfg.eval.last_k)
+                                     stats, scale, cfg.eval.last_k)
                     result = cell_result(run, "random" if init == "random" else "pretrained",
                                          dm, cell, out,
                                          f"{name}:{dataset}:{size}:{norm}")

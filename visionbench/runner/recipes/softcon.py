@@ -16,6 +16,7 @@ layouts. Every encoder reads digital numbers standardized with ``data.mean`` / `
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,12 @@ from visionbench.data.multispectral.synthetic import prepare_bigearthnet, prepar
 from visionbench.errors import ConfigError, DataError
 from visionbench.evals import rs_protocol as rs
 from visionbench.evals.features import cached_features, pooled_features
-from visionbench.evals.ssl4eo_linear import LinearSpec, train_linear, transforms
+from visionbench.evals.ssl4eo_linear import (
+    LinearSpec,
+    random_subset_indices,
+    train_linear,
+    transforms,
+)
 from visionbench.methods import method_class
 from visionbench.results.records import atomic_write_json, read_json
 from visionbench.results.rows import rows_from_result
@@ -202,8 +208,10 @@ def run_softcon(run: Run) -> tuple[list[dict], int | None]:
     lin = p.linear
     be = MultispectralDataModule(_root(run, "bigearthnet"), "bigearthnet",
                                  batch_size=p.batch_size, num_workers=cfg.data.num_workers,
-                                 seed=lin.seed, label_fraction=p.bigearthnet_fraction,
-                                 in_memory=p.in_memory)
+                                 seed=lin.seed, in_memory=p.in_memory,
+                                 train_subset=partial(random_subset_indices,
+                                                      fraction=p.bigearthnet_fraction,
+                                                      seed=lin.seed))
     be.setup()
     evaluations = [("bigearthnet", be, "linear", LinearSpec(
         lin.epochs, lin.lr, lin.momentum, lin.batch_size, tuple(lin.milestones),
