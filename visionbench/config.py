@@ -29,7 +29,7 @@ from pydantic import (
 from visionbench.errors import ConfigError
 from visionbench.methods import method_configs
 from visionbench.methods.softcon import SoftConConfig
-from visionbench.schema import LocalFile, Schedule, Strict
+from visionbench.schema import CropScale, LocalFile, Schedule, Strict
 
 __all__ = ["LocalFile", "Schedule", "Strict"]  # the shared pieces, re-exported
 
@@ -542,17 +542,9 @@ class SoftConLinearConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(256, gt=0)
     milestones: list[Annotated[int, Field(gt=0)]] = [60, 80]
-    bigearthnet_crop_scale: tuple[float, float] = (0.8, 1.0)
-    eurosat_crop_scale: tuple[float, float] = (0.08, 1.0)
+    bigearthnet_crop_scale: CropScale = (0.8, 1.0)
+    eurosat_crop_scale: CropScale = (0.08, 1.0)
     seed: int = 42
-
-    @field_validator("bigearthnet_crop_scale", "eurosat_crop_scale")
-    @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"crop scale {value}: expected 0 < min <= max <= 1")
-        return value
 
     @model_validator(mode="after")
     def _milestones_in_range(self):

@@ -18,6 +18,17 @@ def _existing_file(value: str | None) -> str | None:
 LocalFile = Annotated[str | None, AfterValidator(_existing_file)]  # weights: local files only
 
 
+def _crop_scale(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop scale {value}: expected 0 < min <= max <= 1")
+    return value
+
+
+# a RandomResizedCrop's (min, max) area fraction
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_scale)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

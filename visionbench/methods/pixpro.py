@@ -70,7 +70,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from pydantic import Field, field_validator
+from pydantic import Field
 from timm.models.resnet import ResNet
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
@@ -83,7 +83,7 @@ from visionbench.methods.base import PretrainModule
 from visionbench.methods.lars import LARS, add_weight_decay
 from visionbench.methods.registry import register_method
 from visionbench.methods.schedule import momentum_at
-from visionbench.schema import MethodConfig
+from visionbench.schema import CropScale, MethodConfig
 
 
 class PixProConfig(MethodConfig):
@@ -107,15 +107,7 @@ class PixProConfig(MethodConfig):
     ins_loss_weight: float = Field(0.0, ge=0)  # --pixpro-ins-loss-weight 0.
     proj_hidden_dim: int = Field(4096, gt=0)  # Proj_Head / Pred_Head inner_dim
     proj_dim: int = Field(256, gt=0)  # Proj_Head / Pred_Head out_dim
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # --crop 0.08
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"crop_scale {value}: expected 0 < min <= max <= 1")
-        return value
+    crop_scale: CropScale = (0.08, 1.0)  # --crop 0.08
 
 
 # -- data ------------------------------------------------------------------------------------

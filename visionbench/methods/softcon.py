@@ -62,7 +62,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -76,7 +76,7 @@ from visionbench.methods.base import PretrainModule
 from visionbench.methods.mae import random_masking
 from visionbench.methods.registry import register_method
 from visionbench.methods.schedule import momentum_at
-from visionbench.schema import LocalFile, MethodConfig
+from visionbench.schema import CropScale, LocalFile, MethodConfig
 
 
 class SoftConConfig(MethodConfig):
@@ -101,15 +101,7 @@ class SoftConConfig(MethodConfig):
     # its stem when the input channels differ: the model's random init, or the RGB kernel
     # mapped onto the bands (weight inflation)
     stem_init: Literal["random", "adapt"] = "random"
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # --crop-min 0.08
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"crop_scale {value}: expected 0 < min <= max <= 1")
-        return value
+    crop_scale: CropScale = (0.08, 1.0)  # --crop-min 0.08
 
 
 # -- loss ------------------------------------------------------------------------------------
