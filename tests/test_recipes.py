@@ -77,6 +77,8 @@ def tiny_imagefolder(tmp_path_factory):
 PAPER_SMALL = ["--set", "data.batch_size=4", "--set", "eval.finetune.batch_size=4"]
 PAPER_EXTRA = {"mae": ["--set", "model.backbone_kwargs={depth: 2}",
                        "--set", "pretrain.decoder_depth=1"],
+               # the random-init twin runs the same stages (the registry dry runs cover it)
+               "selfie": ["--set", "eval.inits=[pretrained]"],
                "pixpro": ["--set", "eval.detection.batch_size=2", "--set",
                           "eval.detection.image_size=64", "--set",
                           "eval.detection.roi_batch_size=16", "--set",
