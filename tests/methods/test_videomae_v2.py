@@ -352,3 +352,27 @@ def test_an_official_finetuned_checkpoint_loads_its_blocks_and_sets_its_classifi
     for key, value in state.items():
         if not key.startswith(("fc_norm.", "head.")):
             assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_a_fit_logs_its_loss_without_lightning_guessing_the_batch_size(tmp_path):
+    # a batch with a list of paths beside its tensors is what made Lightning guess (and warn
+    # once a process: the cache is cleared first)
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.utilities.data import warning_cache
+
+    module = tiny_module()
+    module.epochs, module.warmup_epochs = 1, 0
+    clips = [{"video": torch.randn(2, 3, FRAMES, SIZE, SIZE), "label": torch.tensor(0),
+              "path": f"clip_{i}.mp4"} for i in range(4)]
+    warning_cache.clear()
+    loader = torch.utils.data.DataLoader(clips, batch_size=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    assert trainer.global_step == 2
+    assert not [w for w in caught if "ambiguous collection" in str(w.message)]

@@ -30,3 +30,16 @@ def sample_dict(item: Any) -> dict:
         return item
     image, label = item
     return {"image": image, "label": label}
+
+
+def count_samples(batch: Any) -> int:
+    """The number of samples of a batch: the first dimension of its first tensor (a tensor, a
+    dict batch or a tuple), what Lightning would infer, without its warning about a
+    collection of several tensors."""
+    if hasattr(batch, "shape"):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch
+    for value in values:
+        if hasattr(value, "shape") and len(value.shape) > 0:
+            return int(value.shape[0])
+    raise DataError(f"the batch holds no tensor to count samples by ({type(batch)!r})")

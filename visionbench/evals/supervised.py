@@ -59,7 +59,8 @@ class SupervisedClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = unpack(batch, "image", "label")
         loss = self.loss(self(images), targets)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=images.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

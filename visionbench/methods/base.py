@@ -15,6 +15,7 @@ import math
 import lightning as L
 import torch
 
+from visionbench.data.batch import count_samples
 from visionbench.methods.schedule import (
     absolute_lr,
     half_cycle_cosine,
@@ -72,12 +73,14 @@ class PretrainModule(L.LightningModule):
     # -- shared machinery --------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.pretrain_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=count_samples(batch))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.pretrain_loss(batch, generator_seed=batch_idx)
-        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True,
+                 batch_size=count_samples(batch))
         return loss
 
     def configure_optimizers(self):
