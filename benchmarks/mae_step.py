@@ -11,9 +11,9 @@ the ratio is fused / explicit. On CUDA (``--device cuda``) it also prints peak m
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from step_timing import timed_steps, train_step
 
 from visionbench.backbones import create_backbone
 from visionbench.methods.mae import MAE
@@ -47,31 +47,9 @@ def images_per_second(size: str, fused: bool, device: str, precision: str, steps
     batch = batch or (16 if device == "cpu" and size == "vit-b" else SIZES[size]["batch"])
     img = SIZES[size]["img"]
     opt = torch.optim.AdamW(model.optimizer_groups(), lr=1e-4, betas=(0.9, 0.95))
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(enabled=precision == "16-mixed" and device == "cuda")
     x = torch.randn(batch, 3, img, img, device=device)
-
-    def step() -> None:
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
-            loss, _, _ = model(x)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    warmup = max(2, steps // 10)
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    step = train_step(lambda: model(x)[0], opt, device, precision)
+    elapsed, peak = timed_steps(step, steps, warmup=max(2, steps // 10), device=device)
     return batch * steps / elapsed, peak
 
 

@@ -13,9 +13,9 @@ peak memory.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from step_timing import timed_steps, train_step
 
 from visionbench.backbones import create_backbone
 from visionbench.methods.videomae_v2 import VideoMAEv2
@@ -41,32 +41,14 @@ def clips_per_second(size: str, fused: bool, device: str, precision: str, steps:
     for block in model.decoder.blocks:
         block.attn.fused_attn = fused
     opt = torch.optim.AdamW(model.optimizer_groups(), lr=1e-4, betas=(0.9, 0.95))
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(enabled=precision == "16-mixed" and device == "cuda")
     video = torch.randn(spec["batch"], 3, spec["frames"], spec["img"], spec["img"],
                         device=device)
 
-    def step() -> None:
-        mask, decode_mask = model.masks(video.shape[0])
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
-            loss = model.loss(video, mask, decode_mask)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    def loss() -> torch.Tensor:
+        return model.loss(video, *model.masks(video.shape[0]))
 
-    for _ in range(max(1, steps // 10)):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    step = train_step(loss, opt, device, precision)
+    elapsed, peak = timed_steps(step, steps, warmup=max(1, steps // 10), device=device)
     return spec["batch"] * steps / elapsed, peak
 
 
