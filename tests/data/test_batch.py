@@ -13,5 +13,7 @@ def test_count_samples_reads_the_first_tensor_of_any_batch_shape():
     assert count_samples({"video_id": ["a", "b", "c"], "video": video,
                           "label": torch.zeros(3)}) == 3
     assert count_samples((torch.zeros(5, 3), torch.zeros(5))) == 5
+    assert count_samples({"views": [torch.zeros(4, 3), torch.zeros(4, 3)]}) == 4  # nested
+    assert count_samples({"step": torch.tensor(1), "x": torch.zeros(2, 1)}) == 2  # 0-d skipped
     with pytest.raises(DataError, match="no tensor"):
         count_samples({"video_id": ["a"]})

@@ -33,13 +33,23 @@ def sample_dict(item: Any) -> dict:
 
 
 def count_samples(batch: Any) -> int:
-    """The number of samples of a batch: the first dimension of its first tensor (a tensor, a
-    dict batch or a tuple), what Lightning would infer, without its warning about a
-    collection of several tensors."""
-    if hasattr(batch, "shape"):
-        return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, dict) else batch
-    for value in values:
-        if hasattr(value, "shape") and len(value.shape) > 0:
-            return int(value.shape[0])
-    raise DataError(f"the batch holds no tensor to count samples by ({type(batch)!r})")
+    """The number of samples of a batch: the first dimension of its first tensor, searched
+    through dicts, tuples and lists in order (what Lightning would infer, without its warning
+    when other entries, such as a list of paths, have no such dimension)."""
+    found = _first_dimension(batch)
+    if found is None:
+        raise DataError(f"the batch holds no tensor to count samples by ({type(batch)!r})")
+    return found
+
+
+def _first_dimension(value: Any) -> int | None:
+    if hasattr(value, "shape"):
+        return int(value.shape[0]) if len(value.shape) > 0 else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_dimension(item)
+            if found is not None:
+                return found
+    return None
