@@ -106,7 +106,13 @@ def test_generated_layout_lists_and_readback(motion: Path) -> None:
     # the decoded clip is the rendered one (RGB order, range), up to H.264's loss
     class_id = MOTION_CLASSES.index("rotate_cw")
     rendered = render_clip("rotate_cw", SIZE, FRAMES, np.random.default_rng([0, 0, class_id, 3]))
-    assert np.abs(video.numpy().astype(int) - rendered.astype(int)).mean() < 6
+    decoded = video.numpy().astype(float)
+    rgb_error = np.abs(decoded - rendered).mean()
+    luma = np.array([0.299, 0.587, 0.114])
+    assert np.abs((decoded - rendered) @ luma).mean() < 5
+    # yuv420p halves the chroma resolution: at 32 px with six coloured objects most of
+    # the RGB error is that; channels in BGR order would be far further off
+    assert rgb_error < 16 and rgb_error < np.abs(decoded[..., ::-1] - rendered).mean() / 2
 
 
 def test_generation_is_deterministic_and_written_once(motion: Path, tmp_path: Path) -> None:
