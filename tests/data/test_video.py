@@ -517,7 +517,7 @@ def flow_features(clip: np.ndarray) -> np.ndarray:
 
 def frame_features(frames: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) -> per frame: an 8 x 8 RGB thumbnail; an 8 x 8 saliency map (distance
-    from the frame's median colour: where the object is); the joint 4 x 4 x 4 colour
+    from the frame's median colour: where the objects are); the joint 4 x 4 x 4 colour
     histograms of the frame and of its salient pixels (which colours); mean and std."""
     f = frames.astype(np.float64) / 255.0
     n, h, w, _ = f.shape
