@@ -191,7 +191,9 @@ def _object_texture(rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> n
             + (1 - fu) * fv * grid[j + 1, i] + fu * fv * grid[j + 1, i + 1])
 
 
-def _draw_object(frames, class_name, rng, scale, t, jitter, xs, ys, background_mean):
+def _draw_object(frames: np.ndarray, class_name: str, rng: np.random.Generator, scale: float,
+                 t: np.ndarray, jitter: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+                 background_mean: np.ndarray) -> np.ndarray:
     """One object of ``class_name``'s motion drawn over ``frames``: a star-like blob, its
     texture in its own coordinates."""
     n = xs.shape[0]
@@ -243,9 +245,10 @@ def render_clip(class_name: str, image_size: int, num_frames: int,
     frames = _shifted(background, shift[:, 0], shift[:, 1])
 
     ys, xs = (np.mgrid[0:n, 0:n] + 0.5).astype(np.float64)
+    background_mean = background.mean(axis=(0, 1))
     for _ in range(NUM_OBJECTS):
         frames = _draw_object(frames, class_name, rng, scale, t, jitter, xs, ys,
-                              background.mean(axis=(0, 1)))
+                              background_mean)
 
     # occlusion: an opaque bar crossing the frame along its normal
     if rng.random() < BAR_P:
