@@ -21,6 +21,7 @@ bench: setup
 	$(BIN)/python benchmarks/norm_inference.py
 	$(BIN)/python benchmarks/videomae_step.py
 	$(BIN)/python benchmarks/video_decode.py
+	$(BIN)/python benchmarks/bootstrap_map.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,8 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["mae_step.py", "probe_sweep.py", "norm_inference.py",
-                                    "videomae_step.py", "video_decode.py"])
+                                    "videomae_step.py", "video_decode.py",
+                                    "bootstrap_map.py"])
 def test_benchmark_script_starts(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"],
                             capture_output=True, text=True, timeout=120)

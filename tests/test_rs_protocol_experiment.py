@@ -35,6 +35,8 @@ def test_rs_protocol_scores_every_cell_of_the_grid(tmp_path):
     assert euro.ci_low.notna().all()  # kNN and probe accuracies carry bootstrap intervals
     ben = rows[rows.dataset == "bigearthnet"]
     assert set(ben.metric) == {"map_micro", "map_macro"}
+    assert ben.ci_low.notna().all() and (ben.ci_low <= ben.value).all()  # mAP intervals too
+    assert (ben.value <= ben.ci_high).all()
     assert {v.split("size=")[1] for v in ben.variant} == {"96", "120"}
     assert len(rows) == 3 * 2 * 2 * 2 * 1 + 3 * 2 * 2 * 2 * 2  # inits x protocols x cells
     assert (run / "softcon" / "encoder.safetensors").is_file()

@@ -32,6 +32,8 @@ def test_softcon_rows_for_both_inits(tmp_path):
     be = rows[rows.dataset == "bigearthnet"]
     assert set(be.metric) == {"map_micro", "map_macro"} and set(be.protocol) == {"linear"}
     assert set(be.variant) == {"fraction=0.1,modality=ms,size=96"}
+    assert be.ci_low.notna().all() and (be.ci_low <= be.value).all()  # mAP intervals
+    assert (be.value <= be.ci_high).all()
     eu = rows[rows.dataset == "eurosat-ms"]
     assert set(eu.protocol) == {"linear", "knn5"} and set(eu.metric) == {"top1"}
     assert eu.ci_low.notna().all()

@@ -19,6 +19,7 @@ from visionbench.evals.rs_protocol import (
     resize,
     standard_scale,
 )
+from visionbench.results.bootstrap import map_ci
 
 
 def test_multilabel_average_precision_by_hand_and_against_sklearn():
@@ -37,6 +38,13 @@ def test_multilabel_average_precision_by_hand_and_against_sklearn():
     ours = multilabel_average_precision(torch.from_numpy(s), torch.from_numpy(t))
     assert ours["map_micro"] == pytest.approx(100 * average_precision_score(t, s, average="micro"))
     assert ours["map_macro"] == pytest.approx(100 * average_precision_score(t, s, average="macro"))
+    # the intervals: 95 % bootstrap over the 40 test samples, seeded, around the estimates
+    for average in ("micro", "macro"):
+        low, high = ours["ci"][f"map_{average}"]
+        assert low < ours[f"map_{average}"] < high
+        assert [low, high] == list(map_ci(s, t, average, seed=0))
+    again = multilabel_average_precision(torch.from_numpy(s), torch.from_numpy(t), seed=1)
+    assert again["ci"] != ours["ci"] and again["map_micro"] == ours["map_micro"]
 
 
 def test_knn_majority_is_euclidean_with_ties_to_the_lowest_class():
@@ -67,7 +75,8 @@ def test_multilabel_knn_scores_are_the_neighbours_label_fractions():
     fractions = knn_label_fractions(train, targets, torch.tensor([[0.1], [8.0]]), k=2)
     assert torch.allclose(fractions, torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.5, 0.5]]))
     result = knn_scores(train, targets, train, targets, 3, k=1, multi_label=True)
-    assert result == {"map_micro": pytest.approx(100.0), "map_macro": pytest.approx(100.0)}
+    assert result == {"map_micro": pytest.approx(100.0), "map_macro": pytest.approx(100.0),
+                      "ci": {"map_micro": [100.0, 100.0], "map_macro": [100.0, 100.0]}}
 
 
 def test_normalizations_against_their_formulas():
@@ -128,4 +137,6 @@ def test_standard_scale_and_the_logistic_probe():
     multi = torch.stack([y == 0, y != 1, never, always], 1).long()
     result = logistic_probe(x, multi, x, multi, multi_label=True)
     # a label in every training sample is scored as certain, not dropped to the bottom
-    assert result == {"map_micro": pytest.approx(100.0), "map_macro": pytest.approx(100.0)}
+    assert result["map_micro"] == pytest.approx(100.0)
+    assert result["map_macro"] == pytest.approx(100.0)
+    assert result["ci"] == {"map_micro": [100.0, 100.0], "map_macro": [100.0, 100.0]}

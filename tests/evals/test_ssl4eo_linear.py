@@ -80,7 +80,8 @@ def test_a_separable_problem_is_learned(multi_label):
     result = train_linear(band_means, 3, dataset(64, multi_label, 0),
                           dataset(30, multi_label, 1), 3, multi_label, spec, log=logs.append)
     if multi_label:
-        assert set(result) == {"map_micro", "map_macro"} and result["map_micro"] > 95
+        assert set(result) == {"map_micro", "map_macro", "ci"} and result["map_micro"] > 95
+        assert result["ci"]["map_micro"][0] <= result["map_micro"] <= result["ci"]["map_micro"][1]
     else:
         assert result["top1"] > 95
     assert logs[0].startswith("  linear epoch 1/30") and "30/30" in logs[-1]

@@ -109,6 +109,31 @@ def test_map_macro_and_micro_match_the_reference():
         assert low <= b.mean_average_precision(scores, targets, average) <= high
 
 
+@pytest.mark.parametrize("average", ["macro", "micro"])
+def test_map_interval_from_counts_equals_scoring_the_resampled_arrays(average):
+    rng = np.random.default_rng(5)
+    scores = np.round(rng.random((60, 5)), 1)  # ties within a class and across pairs
+    targets = (rng.random((60, 5)) < 0.3).astype(int)
+    targets[:, 4] = 0
+    targets[7, 4] = 1  # one positive: about a third of the resamples leave the class out
+    resampled = b.bootstrap_distribution(
+        (scores, targets), lambda s, t: b.mean_average_precision(s, t, average), 300, seed=2)
+    counted = b.bootstrap_distribution(
+        (scores, targets), lambda counts, *_: b._counted_map(scores, targets, average)(counts),
+        300, seed=2, counted=True)
+    assert np.allclose(counted, resampled, rtol=0, atol=1e-10)
+    assert b.map_ci(scores, targets, average, n_resamples=300, seed=2) == pytest.approx(
+        b.percentile_interval(resampled), abs=1e-10)
+    # counts of 0 / 1 leave out / keep a sample: the AP of the kept rows
+    keep = np.zeros((1, 60))
+    keep[0, ::2] = 1
+    value = b._counted_map(scores, targets, average)(keep)[0]
+    assert value == pytest.approx(b.mean_average_precision(scores[::2], targets[::2], average),
+                                  abs=1e-12)
+    with pytest.raises(ValueError, match="exclude"):
+        b.bootstrap_distribution(scores, np.mean, summed=True, counted=True)
+
+
 def test_samples_records_round_trip_and_give_intervals():
     top1, top5 = hits(60, 0.5), hits(60, 0.9, seed=1)
     record = b.hits_samples(top1=top1, top5=top5 | top1)

@@ -155,5 +155,6 @@ def train_linear(features: Callable[[Tensor], Tensor], dim: int, train: Dataset,
             targets.append(labels)
     scores, targets = torch.cat(scores), torch.cat(targets)
     if multi_label:
-        return multilabel_average_precision(torch.sigmoid(scores.double()), targets)
+        return multilabel_average_precision(torch.sigmoid(scores.double()), targets,
+                                            spec.seed)
     return accuracy_with_samples(scores.argmax(dim=1) == targets.long(), spec.seed)

@@ -16,7 +16,11 @@ resample axis. With ``summed=True`` it receives the per-resample *sums* over sam
 of the resampled arrays themselves (b x N counts times the per-sample array): the form for
 statistics that depend on the samples only through a sum, such as accuracy (mean of hit
 indicators) and mIoU (IoU of the summed confusion matrix), and that keeps memory at
-O(b x N) for confusion matrices.
+O(b x N) for confusion matrices. With ``counted=True`` it receives each resample's counts
+(b x N: how often each sample was drawn) and the arrays as they are: the form for statistics
+that take sample weights, such as average precision (``map_ci``: the AP of a resample is the
+AP with its counts as weights, duplicates being tied scores), which sort once instead of once
+a resample.
 
 The metrics (point estimates, vectorised over leading axes)
 -----------------------------------------------------------
@@ -79,6 +83,7 @@ def bootstrap_ci(
     level: float = LEVEL,
     *,
     summed: bool = False,
+    counted: bool = False,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic`` over resampled test samples.
 
@@ -86,10 +91,13 @@ def bootstrap_ci(
     confusion matrices (N, C, C)), or a tuple of such arrays sharing N (scores and labels),
     resampled together. ``statistic(*arrays)`` receives the resampled arrays with a leading
     resample axis, ``(b, N, ...)``, and returns ``b`` values; with ``summed=True`` it receives
-    the per-resample sums over the samples, ``(b, ...)`` (a single array only). Returns
-    ``(low, high)`` at ``level`` (0.95: the 2.5% and 97.5% quantiles) as floats.
+    the per-resample sums over the samples, ``(b, ...)`` (a single array only); with
+    ``counted=True``, ``statistic(counts, *arrays)``: the (b, N) float64 counts of each sample
+    in each resample and the arrays unresampled. Returns ``(low, high)`` at ``level`` (0.95:
+    the 2.5% and 97.5% quantiles) as floats.
     """
-    stats = bootstrap_distribution(per_sample, statistic, n_resamples, seed, summed=summed)
+    stats = bootstrap_distribution(per_sample, statistic, n_resamples, seed, summed=summed,
+                                   counted=counted)
     return percentile_interval(stats, level)
 
 
@@ -100,11 +108,14 @@ def bootstrap_distribution(
     seed: int = 0,
     *,
     summed: bool = False,
+    counted: bool = False,
 ) -> np.ndarray:
     """The ``n_resamples`` resampled values of ``statistic`` (float64), as ``bootstrap_ci``."""
     arrays = _as_arrays(per_sample)
     if summed and len(arrays) != 1:
         raise ValueError("bootstrap: summed=True takes one per-sample array")
+    if summed and counted:
+        raise ValueError("bootstrap: summed and counted exclude each other")
     if n_resamples < 1:
         raise ValueError(f"bootstrap: n_resamples must be >= 1, got {n_resamples}")
     n = arrays[0].shape[0]
@@ -115,12 +126,15 @@ def bootstrap_distribution(
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
         index = rng.integers(0, n, size=(b, n))
-        if summed:
-            flat = arrays[0].reshape(n, -1)
+        if summed or counted:
             offsets = (index + np.arange(b)[:, None] * n).ravel()
             counts = np.bincount(offsets, minlength=b * n).reshape(b, n).astype(np.float64)
+        if summed:
+            flat = arrays[0].reshape(n, -1)
             sums = (counts @ flat).reshape(b, *arrays[0].shape[1:])
             values = statistic(sums)
+        elif counted:
+            values = statistic(counts, *arrays)
         else:
             values = statistic(*(a[index] for a in arrays))
         out[start:start + b] = np.asarray(values, dtype=np.float64).reshape(b)
@@ -233,6 +247,55 @@ def _binary_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
                      where=positives > 0)
 
 
+class _CountedAP:
+    """The average precision (``_binary_ap``) of one score vector under many rows of sample
+    counts, from a single sort. A resample's AP is the AP of the scores with each sample's
+    count as its weight: a sample drawn k times is k tied entries, and tied entries share one
+    threshold. Sorted by score (descending, stable), with ``W(j)`` the counted entries up to
+    position j and ``P(j)`` the counted positives, the AP is ``sum over positives i of
+    w_i P(g_i) / W(g_i)`` over ``sum w_i``, where ``g_i`` is the last position of i's tie group.
+
+    ``scores`` (M,) and 0/1 ``targets`` (M,) are M entries; ``sample`` (M,) names the sample
+    (the column of the counts) of each entry: ``arange(M)`` for one class, ``arange(M) // C``
+    for the (sample, class) pairs of a micro average."""
+
+    def __init__(self, scores: np.ndarray, targets: np.ndarray, sample: np.ndarray) -> None:
+        order = np.argsort(-scores, kind="stable")
+        _, last = _tie_groups(scores[order])
+        positive = np.flatnonzero(targets[order] > 0)  # sorted positions of the positives
+        self.sample = sample[order]
+        self.positive_sample = self.sample[positive]
+        self.group_end = last[positive]  # g_i
+        # the positives up to g_i: index of the last positive at or before it
+        self.positives_to_end = np.searchsorted(positive, self.group_end, side="right") - 1
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """(b,) APs in [0, 1] for sample counts (b, N); NaN where no positive was drawn."""
+        if self.positive_sample.size == 0:
+            return np.full(counts.shape[0], np.nan)
+        drawn = np.cumsum(counts[:, self.sample], axis=-1)[:, self.group_end]  # W(g_i)
+        weight = counts[:, self.positive_sample]  # w_i
+        hits = np.cumsum(weight, axis=-1)[:, self.positives_to_end]  # P(g_i)
+        precision = hits / np.maximum(drawn, 1.0)  # W(g_i) >= w_i > 0 where it counts
+        positives = weight.sum(axis=-1)
+        total = (weight * precision).sum(axis=-1)
+        return np.divide(total, positives, out=np.full(positives.shape, np.nan),
+                         where=positives > 0)
+
+
+def _counted_map(scores: np.ndarray, targets: np.ndarray,
+                 average: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``counts (b, N) -> (b,)``: ``mean_average_precision`` (percent) of (N, C) scores and
+    0/1 targets for each row of sample counts, the scores sorted once here."""
+    n, c = scores.shape
+    if average == "micro":
+        pooled = _CountedAP(scores.ravel(), targets.ravel(), np.arange(n * c) // c)
+        return lambda counts: pooled(counts) * 100.0
+    per_class = [_CountedAP(scores[:, j], targets[:, j], np.arange(n)) for j in range(c)]
+    return lambda counts: np.asarray(_nanmean_last(
+        np.stack([ap(counts) for ap in per_class], axis=-1) * 100.0))
+
+
 def _class_targets(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """0/1 targets shaped as ``scores`` (..., N, C): integer labels (..., N) one-hot."""
     if labels.shape == scores.shape:
@@ -339,10 +402,20 @@ def auroc_ci(scores: ArrayLike, labels: ArrayLike, n_resamples: int = N_RESAMPLE
 def map_ci(scores: ArrayLike, targets: ArrayLike, average: str = "macro",
            n_resamples: int = N_RESAMPLES, seed: int = 0,
            level: float = LEVEL) -> tuple[float, float]:
-    """Interval of ``mean_average_precision(scores, targets, average)`` over resamples."""
-    return bootstrap_ci(
-        (np.asarray(scores, dtype=np.float64), np.asarray(targets)),
-        lambda s, t: mean_average_precision(s, t, average), n_resamples, seed, level)
+    """Interval of ``mean_average_precision(scores, targets, average)`` over resamples
+    (scores (N, C) and 0/1 targets (N, C) or integer labels (N,)). Each resample is scored as
+    the AP under its sample counts (``_CountedAP``), from one sort of the scores: the same
+    values as scoring the resampled arrays, 11 - 14x faster at 10,000 x 19 on 2 CPU cores
+    (``benchmarks/bootstrap_map.py``)."""
+    if average not in ("macro", "micro"):
+        raise ValueError(f"mAP: average must be 'macro' or 'micro', got {average!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"mAP interval: scores (N, C) expected, got {scores.shape}")
+    targets = _class_targets(scores, np.asarray(targets))
+    statistic = _counted_map(scores, targets, average)
+    return bootstrap_ci((scores, targets), lambda counts, *_: statistic(counts),
+                        n_resamples, seed, level, counted=True)
 
 
 # -- per-sample records ----------------------------------------------------------------------
