@@ -28,6 +28,9 @@ def test_videomae_v2_pretrains_and_transfers_with_views_in_every_row(tmp_path):
     assert set(rows.init) == {"videomae_v2", "random"}
     assert set(rows[rows.protocol == "finetune"].variant) == {"clips=2,crops=2,frames=16"}
     assert set(rows[rows.protocol == "linear_probe"].variant) == {"clips=1,crops=1,frames=16"}
+    logistic = rows[rows.protocol == "logistic"]  # the demo's converged probe, a frozen view
+    assert set(logistic.variant) == {"clips=1,crops=1,frames=16"} and len(logistic) == 4
+    assert logistic.ci_low.notna().all()
     tuned = json.loads((run / "evals" / "videomae_v2" / "finetune.json").read_text())
     from visionbench.data.video.synthetic import MOTION_CLASSES
 

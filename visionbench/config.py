@@ -204,6 +204,22 @@ class KNNConfig(Strict):
     majority_k: int = Field(5, gt=0)
 
 
+class LogisticConfig(Strict):
+    """The logistic-regression probe (``evals/logistic.py``: CLIP's linear-probe protocol),
+    off unless ``enabled``."""
+
+    enabled: bool = False
+    cs: list[float] = [10.0 ** e for e in range(-4, 5)]  # inverse regularization, swept on val
+    max_iter: int = Field(1000, gt=0)
+
+    @field_validator("cs")
+    @classmethod
+    def _cs(cls, value: list[float]) -> list[float]:
+        if not value or any(c <= 0 for c in value):
+            raise ValueError("expected one or more positive values")
+        return value
+
+
 def label_percent(fraction: float) -> str:
     """A label fraction as it names results and variants: 0.05 -> ``"5%"``."""
     return f"{round(fraction * 100, 6):g}%"
@@ -441,6 +457,7 @@ class EvalConfig(Strict):
     last_k: int = Field(4, gt=0)
     linear_probe: ProbeConfig = ProbeConfig()
     knn: KNNConfig = KNNConfig()
+    logistic: LogisticConfig = LogisticConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     segmentation: SegmentationConfig | None = None
     detection: DetectionConfig | None = None

@@ -399,7 +399,7 @@ register(
         pretrain_data="unlabeled-hybrid",
         task="video classification",
         dataset="kinetics-400",
-        protocols=("linear_probe", "knn", "finetune"),
+        protocols=("linear_probe", "knn", "logistic", "finetune"),
         metrics=("top1", "top5"),
         config="configs/videomae-v2.yaml",
         code="OpenGVLab/VideoMAEv2",

@@ -34,6 +34,7 @@ from visionbench.evals.features import cached_features
 from visionbench.evals.finetune import run_finetune, test_scores
 from visionbench.evals.knn import knn_protocol
 from visionbench.evals.linear_probe import linear_probe_sweep
+from visionbench.evals.logistic import logistic_protocol
 from visionbench.evals.supervised import run_supervised, score_supervised
 from visionbench.methods import build_method, method_class
 from visionbench.norms.schedules import NormSchedules
@@ -268,6 +269,22 @@ def knn(run: Run, name: str, backbone_fn, dm, out: Path,
     stage(run, f"knn:{name}", out / "knn.json", fit)
 
 
+def logistic(run: Run, name: str, backbone_fn, dm, out: Path,
+             features_dir: Path | None = None) -> None:
+    """Stage: the logistic-regression probe on frozen features (``out/logistic.json``)."""
+    folder = features_dir or run.dir / "features" / name
+
+    def fit() -> None:
+        p = run.cfg.eval.logistic
+        feats = features(run, name, backbone_fn, dm, folder)
+        run.log(f"[{name}] logistic regression, C in {', '.join(f'{c:g}' for c in p.cs)}")
+        atomic_write_json(out / "logistic.json", logistic_protocol(
+            *feats["train"], *feats["val"], *feats["test"], dm.num_classes, cs=p.cs,
+            max_iter=p.max_iter, seed=run.cfg.seed))
+
+    stage(run, f"logistic:{name}", out / "logistic.json", fit)
+
+
 def finetune_datamodule(run: Run, label_fraction: float = 1.0) -> ImageClassificationDataModule:
     """The training images (``label_fraction`` of them, class-stratified) through MAE's
     fine-tune transform (``eval.finetune``)."""
@@ -450,8 +467,8 @@ def detection(run: Run, init: str, out: Path, encoder_file: Path | None = None) 
 def transfer(run: Run, init: str, dm, encoder_file: Path | None = None,
              finetune_data: Callable | None = None, input_key: str = "image") -> Path:
     """The transfer protocols of ``eval`` on one init: linear probe, kNN, and (when
-    enabled) fine-tune (on ``finetune_data(run, fraction)``, batches of ``input_key``) and
-    detection; their JSONs in ``evals/<init>/`` (returned)."""
+    enabled) the logistic-regression probe, fine-tune (on ``finetune_data(run, fraction)``,
+    batches of ``input_key``) and detection; their JSONs in ``evals/<init>/`` (returned)."""
     name = init_name(run, init)
     out = run.dir / "evals" / name
 
@@ -460,6 +477,8 @@ def transfer(run: Run, init: str, dm, encoder_file: Path | None = None,
 
     linear_probe(run, name, backbone, dm, out)
     knn(run, name, backbone, dm, out)
+    if run.cfg.eval.logistic.enabled:
+        logistic(run, name, backbone, dm, out)
     if run.cfg.eval.finetune.enabled:
         finetune(run, init, out, encoder_file, finetune_data, input_key)
     if run.cfg.eval.detection is not None and run.cfg.eval.detection.enabled:
@@ -474,6 +493,9 @@ def transfer_rows(run: Run, init: str, out: Path) -> list[dict]:
                             protocol="linear_probe", metrics=("top1", "top5"), seed=seed)
     rows += rows_from_result(read_json(out / "knn.json"), init=name, protocol="knn",
                              metrics=("top1", "top5"), seed=seed)
+    if (out / "logistic.json").is_file():
+        rows += rows_from_result(read_json(out / "logistic.json"), init=name,
+                                 protocol="logistic", metrics=("top1", "top5"), seed=seed)
     for fraction in run.cfg.eval.finetune.label_fractions:
         if (out / finetune_file(fraction)).is_file():
             rows += rows_from_result(read_json(out / finetune_file(fraction)), init=name,
