@@ -156,7 +156,7 @@ def multilabel_average_precision(scores: Tensor, targets: Tensor, seed: int = 0)
     per_label = [binary_average_precision(scores[:, j].double(), targets[:, j])
                  for j in range(targets.shape[1]) if targets[:, j].any()]
     macro = torch.stack(per_label).mean() if per_label else torch.tensor(float("nan"))
-    s, t = scores.double().numpy(), targets.numpy()
+    s, t = scores.double().cpu().numpy(), targets.cpu().numpy()
     return {"map_micro": float(micro) * 100.0, "map_macro": float(macro) * 100.0,
             "ci": {f"map_{average}": list(map_ci(s, t, average, seed=seed))
                    for average in ("micro", "macro")}}
