@@ -47,6 +47,8 @@ def test_a_class_missing_from_train_is_never_predicted():
 
 def test_bad_input_is_refused():
     (tx, ty), (sx, sy) = blobs(20, 1), blobs(10, 2)
+    with pytest.raises(ConfigError, match="logistic probe: features and labels differ"):
+        logistic_protocol(tx, ty[:5], tx, ty, sx, sy, 4)
     with pytest.raises(ConfigError, match="val split"):
         logistic_protocol(tx, ty, tx[:0], ty[:0], sx, sy, 4)
     with pytest.raises(ConfigError, match="positive"):

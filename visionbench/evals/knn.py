@@ -25,16 +25,18 @@ from visionbench.results.bootstrap import hits_samples, with_samples
 
 
 def check_knn_inputs(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                     k: int) -> None:
+                     k: int, protocol: str = "knn") -> None:
+    """Frozen (N, D) features and their labels, as a feature protocol (named in the
+    errors) needs them."""
     if k < 1:
-        raise ConfigError(f"knn: k must be >= 1, got {k}")
+        raise ConfigError(f"{protocol}: k must be >= 1, got {k}")
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ConfigError(f"knn: expected (N, D) train and test features, got "
+        raise ConfigError(f"{protocol}: expected (N, D) train and test features, got "
                           f"{tuple(train_x.shape)} and {tuple(test_x.shape)}")
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
-        raise ConfigError("knn: features and labels differ in length")
+        raise ConfigError(f"{protocol}: features and labels differ in length")
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
-        raise ConfigError("knn: empty train or test features")
+        raise ConfigError(f"{protocol}: empty train or test features")
 
 
 def nearest_neighbours(train_x: Tensor, test_x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -54,7 +54,7 @@ def logistic_protocol(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Te
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    check_knn_inputs(train_x, train_y, test_x, test_y, 1)
+    check_knn_inputs(train_x, train_y, test_x, test_y, 1, protocol="logistic probe")
     if val_x.shape[0] == 0 or val_x.shape[0] != val_y.shape[0]:
         raise ConfigError("logistic probe: C is chosen on the val split, which is empty or "
                           "differs in length from its labels")

@@ -221,9 +221,8 @@ def features(run: Run, name: str, backbone_fn: Callable[[], torch.nn.Module], dm
     return feats
 
 
-def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:
-    """The linear-probe grid of ``run.cfg.eval`` on cached ``feats[split] = (x, y)``; its
-    result is written to ``out/linear_probe.json``."""
+def probe_sweep(run: Run, feats: dict, dm) -> dict:
+    """The linear-probe grid of ``run.cfg.eval`` on cached ``feats[split] = (x, y)``."""
     p = run.cfg.eval.linear_probe
     probe = linear_probe_sweep(
         *feats["train"], *feats["val"], *feats["test"], num_classes=dm.num_classes,
@@ -234,55 +233,59 @@ def probe_sweep(run: Run, feats: dict, dm, out: Path) -> dict:
         run.log(f"linear probe: best on the grid's edge ({', '.join(extension['edges'])}); "
                 f"extended by lrs {extension['added_lrs']}, weight decays "
                 f"{extension['added_weight_decays']}")
-    atomic_write_json(out / "linear_probe.json", probe)
     return probe
+
+
+def frozen_stage(run: Run, protocol: str, name: str, backbone_fn, dm, out: Path,
+                 score: Callable[[dict], dict], features_dir: Path | None = None) -> None:
+    """Stage ``<protocol>:<name>``: ``score`` on the frozen features of every split (cached
+    in ``features_dir``, by default ``features/<name>``), written to ``out/<protocol>.json``."""
+    folder = features_dir or run.dir / "features" / name
+
+    def fit() -> None:
+        atomic_write_json(out / f"{protocol}.json",
+                          score(features(run, name, backbone_fn, dm, folder)))
+
+    stage(run, f"{protocol}:{name}", out / f"{protocol}.json", fit)
 
 
 def linear_probe(run: Run, name: str, backbone_fn, dm, out: Path,
                  features_dir: Path | None = None) -> None:
     """Stage: the linear-probe sweep on frozen features (``out/linear_probe.json``)."""
-    folder = features_dir or run.dir / "features" / name
+    p = run.cfg.eval.linear_probe
 
-    def fit() -> None:
-        p = run.cfg.eval.linear_probe
-        feats = features(run, name, backbone_fn, dm, folder)
+    def score(feats: dict) -> dict:
         run.log(f"[{name}] linear probe: {len(p.lrs) * len(p.weight_decays)} heads in one pass")
-        probe_sweep(run, feats, dm, out)
+        return probe_sweep(run, feats, dm)
 
-    stage(run, f"linear_probe:{name}", out / "linear_probe.json", fit)
+    frozen_stage(run, "linear_probe", name, backbone_fn, dm, out, score, features_dir)
 
 
 def knn(run: Run, name: str, backbone_fn, dm, out: Path,
         features_dir: Path | None = None) -> None:
     """Stage: weighted and majority kNN on frozen features (``out/knn.json``)."""
-    folder = features_dir or run.dir / "features" / name
+    k = run.cfg.eval.knn
 
-    def fit() -> None:
-        k = run.cfg.eval.knn
-        feats = features(run, name, backbone_fn, dm, folder)
+    def score(feats: dict) -> dict:
         run.log(f"[{name}] kNN")
-        (train_x, train_y), (test_x, test_y) = feats["train"], feats["test"]
-        atomic_write_json(out / "knn.json", knn_protocol(
-            train_x, train_y, test_x, test_y, dm.num_classes, k=k.k,
-            temperature=k.temperature, majority_k=k.majority_k))
+        return knn_protocol(*feats["train"], *feats["test"], dm.num_classes, k=k.k,
+                            temperature=k.temperature, majority_k=k.majority_k)
 
-    stage(run, f"knn:{name}", out / "knn.json", fit)
+    frozen_stage(run, "knn", name, backbone_fn, dm, out, score, features_dir)
 
 
 def logistic(run: Run, name: str, backbone_fn, dm, out: Path,
              features_dir: Path | None = None) -> None:
     """Stage: the logistic-regression probe on frozen features (``out/logistic.json``)."""
-    folder = features_dir or run.dir / "features" / name
+    p = run.cfg.eval.logistic
 
-    def fit() -> None:
-        p = run.cfg.eval.logistic
-        feats = features(run, name, backbone_fn, dm, folder)
+    def score(feats: dict) -> dict:
         run.log(f"[{name}] logistic regression, C in {', '.join(f'{c:g}' for c in p.cs)}")
-        atomic_write_json(out / "logistic.json", logistic_protocol(
-            *feats["train"], *feats["val"], *feats["test"], dm.num_classes, cs=p.cs,
-            max_iter=p.max_iter, seed=run.cfg.seed))
+        return logistic_protocol(*feats["train"], *feats["val"], *feats["test"],
+                                 dm.num_classes, cs=p.cs, max_iter=p.max_iter,
+                                 seed=run.cfg.seed)
 
-    stage(run, f"logistic:{name}", out / "logistic.json", fit)
+    frozen_stage(run, "logistic", name, backbone_fn, dm, out, score, features_dir)
 
 
 def finetune_datamodule(run: Run, label_fraction: float = 1.0) -> ImageClassificationDataModule:
