@@ -7,6 +7,7 @@ import pytest
 
 from tests.test_runner import TINY, only_run, visionbench
 from tests.test_unip_infrared import TOY
+from visionbench.distributed import shutdown
 from visionbench.results.leaderboard import read_leaderboard
 
 
@@ -161,3 +162,16 @@ def test_videomae_v2_pretrains_and_finetunes_on_two_gloo_processes(tmp_path):
     tuned = json.loads((run / "evals" / "videomae_v2" / "finetune.json").read_text())
     assert tuned["samples"]["n"] == 2 * len(MOTION_CLASSES)  # every test video, on rank 0
     assert set(read_leaderboard(board).init) == {"videomae_v2", "random"}
+
+
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    """The end of every run: a rank leaves the process group before it exits (a rank that
+    exited with the group alive could abort, and Lightning's launcher then kills rank 0)."""
+    import torch.distributed as dist
+
+    shutdown()  # no process group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    assert dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()

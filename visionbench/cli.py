@@ -127,6 +127,7 @@ def run(
 ) -> None:
     """Run every stage of an experiment into a new run folder."""
     from visionbench.config import resolve_config
+    from visionbench.distributed import shutdown
     from visionbench.registry import get_experiment
     from visionbench.runner import execute
     from visionbench.runner.core import is_global_zero
@@ -167,6 +168,7 @@ def run(
 
         aggregate_seeds(leaderboard, run_dirs)
         console.print(f"{leaderboard}: mean and std over seeds {', '.join(map(str, seed_list))}")
+    shutdown()  # every rank waits for rank 0's records, then leaves the process group
 
 
 def _seeds(seeds: str | None, seed: int | None) -> list[int | None]:

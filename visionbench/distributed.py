@@ -1,6 +1,6 @@
 """Ranks of a distributed run (DDP, torchrun, SLURM): whether a process group is up, a
-barrier, rank 0's decision on every rank, and ``rank_local`` for an evaluation rank 0 runs
-alone while the others wait."""
+barrier, rank 0's decision on every rank, ``shutdown`` at the end of a run, and
+``rank_local`` for an evaluation rank 0 runs alone while the others wait."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def world_size() -> int:
 def barrier() -> None:
     if distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """The end of a finished run on every rank: wait until rank 0 has written its records,
+    then destroy the process group. A rank that exited with the group alive could abort in
+    gloo's teardown ("terminate called without an active exception"), and Lightning's
+    launcher then kills rank 0, which may still be writing; PyTorch asks for an explicit
+    ``destroy_process_group`` before exit."""
+    if distributed():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def agree(flag: bool) -> bool:
