@@ -172,6 +172,10 @@ def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
     shutdown()  # no process group: nothing to do
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
-    assert dist.is_initialized()
-    shutdown()
-    assert not dist.is_initialized()
+    try:
+        assert dist.is_initialized()
+        shutdown()
+        assert not dist.is_initialized()
+    finally:  # never leave a group to the tests after this one
+        if dist.is_initialized():
+            dist.destroy_process_group()
