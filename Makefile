@@ -10,7 +10,7 @@ demo: setup
 	$(BIN)/visionbench run unip-infrared
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 lint: setup
 	$(BIN)/ruff check visionbench tests benchmarks
