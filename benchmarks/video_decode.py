@@ -4,7 +4,9 @@ The loader must not be the bottleneck: for 0, 1, 2, ... loader workers it prints
 of a second pass (the workers started) over the pretraining loader (PyAV decoding,
 pretraining frame sampling, the method's repeated multi-scale crops) and its ratio to the
 clips/s of the training step (forward, backward, AdamW) at the same size, measured in the
-same process; a ratio above 1 means the loader keeps up.
+same process; a ratio above 1 means the loader keeps up. Last, the same with no worker and
+``in_memory`` (``data.video.in_memory``: every file decoded once, its frames kept; the
+second pass reads only kept frames), as the demo profile reads its clips.
 Default: the demo profile's clips and model.
 
     python benchmarks/video_decode.py
@@ -28,11 +30,12 @@ from visionbench.methods.videomae_v2 import VideoMAEv2, VideoMAEv2Config, VideoM
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def loader_clips_per_second(root: Path, workers: int, args) -> float:
+def loader_clips_per_second(root: Path, workers: int, args, in_memory: bool = False) -> float:
     transform = VideoMAEv2Transform(args.image_size, MEAN, STD, args.num_sample)
     dm = VideoClassificationDataModule(
         root, image_size=args.image_size, batch_size=args.batch, num_workers=workers,
-        train_kind="pretrain", train_transform=transform, num_frames=16, sampling_rate=2)
+        train_kind="pretrain", train_transform=transform, num_frames=16, sampling_rate=2,
+        in_memory=in_memory)
     dm.setup()
     loader = dm.train_dataloader()
     for _ in loader:  # a first pass starts the (persistent) workers
@@ -85,6 +88,9 @@ def main() -> None:
             rate = loader_clips_per_second(root, workers, args)
             print(f"loader, {workers} worker(s): {rate:8.1f} clips/s; loader / step "
                   f"{rate / step:.2f}x", flush=True)
+        rate = loader_clips_per_second(root, 0, args, in_memory=True)
+        print(f"loader, 0 workers, in_memory (each file decoded once): {rate:8.1f} clips/s; "
+              f"loader / step {rate / step:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class VideoDataConfig(Strict):
     Kinetics, 2 for SSv2); the test scores ``test_clips`` evenly spaced clips x
     ``test_crops`` spatial crops (Kinetics 5 x 3, SSv2 2 x 3); the embedded motion clips
     are ``clip_frames`` long; the fine-tune trains on ``finetune_samples`` augmented draws of
-    each sampled clip."""
+    each sampled clip; ``in_memory`` keeps every decoded video (the embedded demo's clips
+    are read for hundreds of epochs)."""
 
     num_frames: int = Field(16, gt=0)
     sampling_rate: int = Field(4, gt=0)
@@ -63,6 +64,7 @@ class VideoDataConfig(Strict):
     # the fine-tune's repeated augmentation (run_class_finetuning.py --num_sample 2): draws
     # of eval.finetune's augmentation per sampled training clip, each a sample of the batch
     finetune_samples: int = Field(2, gt=0)
+    in_memory: bool = False  # decode each video file once and keep its frames (small sets)
 
 
 class DataConfig(Strict):

@@ -220,6 +220,29 @@ def test_classification_lists_of_videos_and_frame_folders(motion: Path, tmp_path
     one_line_error(err, str(tmp_path / "list.csv"), "outside the 2 classes")
 
 
+def test_in_memory_clips_are_decoded_once_and_read_the_same_frames(motion: Path,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(motion / "train/expand/expand_00000.mp4", clip)
+    (tmp_path / "list.csv").write_text("clip.mp4 3\n")
+    samplers = [ClipSampler("pretrain", num_frames=4, sampling_rate=2),
+                ClipSampler("test", num_frames=8, sampling_rate=4, test_num_segment=2),
+                ClipSampler("val", num_frames=8, sampling_rate=8)]  # past the end: pads
+    kept = ClassificationListDataset(tmp_path / "list.csv", tmp_path, in_memory=True)
+    decoded = ClassificationListDataset(tmp_path / "list.csv", tmp_path)
+    expected = [decoded.load(0, s, np.random.default_rng(7))["video"] for s in samplers]
+    assert kept.frame_count(0) == decoded.frame_count(0) == FRAMES
+    clip.unlink()  # read once by frame_count: every later sample comes from the kept frames
+    for sampler, frames in zip(samplers, expected, strict=True):
+        got = kept.load(0, sampler, np.random.default_rng(7))
+        assert got["label"] == 3 and got["video_id"] == "clip"
+        assert torch.equal(got["video"], frames)
+    with pytest.raises(DataError):
+        decoded.load(0)  # without in_memory the file is read every time
+
+
 @pytest.mark.parametrize(("reader", "text", "line", "what"), [
     ("classification", "a.mp4 0\nb.mp4\n", 2, "1 fields"),
     ("classification", "a.mp4 zero\n", 1, "label 'zero' is not an integer"),

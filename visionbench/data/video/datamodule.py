@@ -410,7 +410,8 @@ class VideoClassificationDataModule(LabelledDataModule):
     ``input_spec``. ``test_dataloader`` / ``multiview_dataloader(split)``: ``video``
     ``(B, V, 3, T, H, W)`` with ``V = test_num_segment * test_num_crop``, view
     ``v = segment * test_num_crop + crop``. ``label_fraction`` < 1 keeps that stratified
-    share of the training split.
+    share of the training split. ``in_memory``: each video file is decoded once and its
+    frames kept (``readers.ClipDataset``), for small sets read over many epochs.
     """
 
     # Loader workers start from a fork server, not a fork: a worker forked after this
@@ -447,6 +448,7 @@ class VideoClassificationDataModule(LabelledDataModule):
         frame_template: str = FRAME_TEMPLATE,
         start_index: int = FRAME_START_INDEX,
         style: str | None = None,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < label_fraction <= 1.0:
@@ -469,7 +471,7 @@ class VideoClassificationDataModule(LabelledDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.label_fraction = label_fraction
         self.frame_template, self.start_index = frame_template, start_index
-        self.test_num_crop = test_num_crop
+        self.test_num_crop, self.in_memory = test_num_crop, in_memory
         common = dict(num_frames=num_frames, sampling_rate=sampling_rate,
                       test_num_segment=test_num_segment, style=style)
         self.samplers = {
@@ -509,7 +511,8 @@ class VideoClassificationDataModule(LabelledDataModule):
             return None
         return ClassificationListDataset(path, self.data_root, classes,
                                          self.samplers["train"], self.frame_template,
-                                         self.start_index, check_folders=classes is not None)
+                                         self.start_index, check_folders=classes is not None,
+                                         in_memory=self.in_memory)
 
     def _carve(self, dataset: Dataset, fractions: list[float]) -> list[LabelledSubset]:
         parts = carve_indices(dataset.targets, fractions, self.seed)

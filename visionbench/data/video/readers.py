@@ -302,15 +302,21 @@ class ClipDataset(Dataset):
 
     ``load(index, sampler)`` reads sample ``index`` with another sampler (the datamodule's
     eval and test views of the same split). ``targets`` and ``classes`` as the image readers.
+    ``in_memory``: a video file is decoded whole the first time it is read and its frames
+    kept (in each process that reads it: the main one, or each loader worker), so later
+    samples index the kept frames instead of decoding again; the frames a sample gets are
+    the same either way (for small sets, such as the embedded clips, read many epochs).
     """
 
     def __init__(self, entries: list[ClipEntry], classes: list[str], sampler: ClipSampler,
-                 template: str = FRAME_TEMPLATE) -> None:
+                 template: str = FRAME_TEMPLATE, in_memory: bool = False) -> None:
         self.entries = entries
         self.classes = list(classes)
         self.sampler = sampler
         self.template = template
         self.targets = [e.label for e in entries]
+        self.in_memory = in_memory
+        self._decoded: dict[int, tuple[int, torch.Tensor]] = {}  # index -> (count, frames)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -320,7 +326,19 @@ class ClipDataset(Dataset):
 
     def frame_count(self, index: int) -> int:
         entry = self.entries[index]
-        return video_frame_count(entry.path) if entry.is_video else entry.total
+        if not entry.is_video:
+            return entry.total
+        if self.in_memory:
+            return self._kept(index)[0]
+        return video_frame_count(entry.path)
+
+    def _kept(self, index: int) -> tuple[int, torch.Tensor]:
+        """(the container's frame count, every decoded frame) of video ``index``, decoded
+        once."""
+        if index not in self._decoded:
+            path = self.entries[index].path
+            self._decoded[index] = (video_frame_count(path), read_video(path))
+        return self._decoded[index]
 
     def load(self, index: int, sampler: ClipSampler | None = None,
              rng: np.random.Generator | None = None) -> dict:
@@ -328,7 +346,10 @@ class ClipDataset(Dataset):
         sampler = sampler or self.sampler
         indices = sampler(self.frame_count(index), rng or _sample_rng(), entry.is_video)
         flat = indices.reshape(-1)
-        if entry.is_video:
+        if entry.is_video and self.in_memory:
+            kept = self._kept(index)[1]  # an index past the decoded frames reads the last
+            frames = kept[torch.from_numpy(np.minimum(flat, len(kept) - 1))]
+        elif entry.is_video:
             order, inverse = np.unique(flat, return_inverse=True)
             frames = read_video(entry.path, order)[torch.from_numpy(inverse.reshape(-1))]
         else:
@@ -356,9 +377,10 @@ class PretrainListDataset(ClipDataset):
     the official uses stride 2 for Something-Something V2). Labels are -1, no classes."""
 
     def __init__(self, list_file: str | Path, data_root: str | Path = "",
-                 sampler: ClipSampler | None = None, template: str = FRAME_TEMPLATE) -> None:
+                 sampler: ClipSampler | None = None, template: str = FRAME_TEMPLATE,
+                 in_memory: bool = False) -> None:
         entries = read_pretrain_list(list_file, data_root)
-        super().__init__(entries, [], sampler or ClipSampler("pretrain"), template)
+        super().__init__(entries, [], sampler or ClipSampler("pretrain"), template, in_memory)
 
 
 class ClassificationListDataset(ClipDataset):
@@ -373,11 +395,11 @@ class ClassificationListDataset(ClipDataset):
     def __init__(self, list_file: str | Path, data_root: str | Path = "",
                  classes: Sequence[str] | None = None, sampler: ClipSampler | None = None,
                  template: str = FRAME_TEMPLATE, start_index: int = FRAME_START_INDEX,
-                 check_folders: bool = False) -> None:
+                 check_folders: bool = False, in_memory: bool = False) -> None:
         list_file = Path(list_file)
         entries = read_classification_list(list_file, data_root, start_index)
         super().__init__(entries, _classes_for(entries, classes, list_file),
-                         sampler or ClipSampler("train"), template)
+                         sampler or ClipSampler("train"), template, in_memory)
         if check_folders:
             self._check_folders(list_file)
 

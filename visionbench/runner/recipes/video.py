@@ -61,7 +61,7 @@ def video_datamodule(run: Run, train_kind: str = "finetune", train_transform=Non
         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=run.cfg.seed,
         train_kind=train_kind, train_transform=train_transform, label_fraction=label_fraction,
         num_frames=v.num_frames, sampling_rate=v.sampling_rate, test_num_segment=v.test_clips,
-        test_num_crop=v.test_crops, **augmentation)
+        test_num_crop=v.test_crops, in_memory=v.in_memory, **augmentation)
     dm.setup()
     return dm
 
